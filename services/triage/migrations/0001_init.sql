@@ -1,0 +1,3 @@
+-- triage: schema created by the migration runner; tables arrive with the features that need them.
+CREATE TABLE IF NOT EXISTS service_info (key text PRIMARY KEY, value text NOT NULL);
+INSERT INTO service_info (key, value) VALUES ('service', 'triage') ON CONFLICT (key) DO NOTHING;

@@ -1,0 +1,1 @@
+"""Code shared by every Metis service: settings, database, errors, auth, metrics, logging, API wiring."""
