@@ -1,0 +1,1 @@
+"""Small clients for the systems around Metis, speaking their real protocols (reached by URL only)."""
