@@ -77,7 +77,7 @@ def migrate(database_url: str, service: str, directory: Path | None = None) -> l
                     continue
                 with conn.transaction():
                     conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(service)))
-                    conn.execute(text)  # type: ignore[arg-type]
+                    conn.execute(text.encode())
                     conn.execute(sql.SQL("INSERT INTO {}.schema_migrations (version, checksum) VALUES (%s, %s)")
                                  .format(sql.Identifier(service)), (version, checksum))
                 applied.append(version)

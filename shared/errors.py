@@ -100,8 +100,9 @@ def register_error_handlers(app: Flask) -> None:
         status = err.code or 500
         code = (err.name or "error").lower().replace(" ", "_")
         resp = problem_response(status, code, err.name or "Error", err.description or "")
-        if status == 405 and getattr(err, "valid_methods", None):
-            resp.headers["Allow"] = ", ".join(err.valid_methods or [])
+        valid_methods = getattr(err, "valid_methods", None)
+        if status == 405 and valid_methods:
+            resp.headers["Allow"] = ", ".join(valid_methods)
         return resp
 
     @app.errorhandler(Exception)

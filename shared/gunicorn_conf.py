@@ -22,7 +22,8 @@ accesslog = None
 errorlog = "-"
 
 
-def child_exit(server, worker):  # noqa: D103 - gunicorn hook
+def child_exit(server: object, worker: object) -> None:
+    """gunicorn hook: drop a dead worker's live gauges from the shared metrics directory."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(getattr(worker, "pid"))  # type: ignore[no-untyped-call]
