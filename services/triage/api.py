@@ -1,6 +1,154 @@
-"""HTTP API of the triage service."""
+"""HTTP API of the triage service: parse with marshmallow, call the service, dump the result."""
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flask import request
+
 from shared.api import Api
+from shared.db import transaction
+from shared.errors import MetisError, Unavailable
+from shared.web import ctx
+
+from . import repository as repo
+from . import service
+from .clients import DedupeClient, GuardrailsClient, GuardrailsError
+from .schemas import (IntakeQuery, IntakeRead, IntakeRecordRead, PollCreate, PollRead, TriageCreate,
+                      TriageRead)
+
+log = logging.getLogger(__name__)
 
 api = Api("triage", __name__)
+
+CALLERS = ("n8n", "ops")
+
+
+@dataclass
+class TriageEngine:
+    """Service objects built once at start-up (see app.py)."""
+
+    deps: service.TriageDeps
+    guardrails: GuardrailsClient
+    dedupe: DedupeClient
+    webhook_secret: str | None
+    claim_lease_seconds: int
+
+
+def engine() -> TriageEngine:
+    return ctx().state["triage"]  # type: ignore[no-any-return]
+
+
+class IntakeProblem(MetisError):
+    status, code, title = 400, "intake_rejected", "Delivery rejected"
+
+
+@api.route("/v1/triage", methods=["POST"], body=TriageCreate, response=TriageRead, callers=CALLERS)
+def triage(body: dict[str, Any]) -> dict[str, Any]:
+    """Triage one ticket: category, priority, component, suggested resolution, confidence; propose or escalate."""
+    eng = engine()
+    pool = ctx().pool
+    run_id = body["run_id"]
+    ticket = service.normalize_ticket(body["ticket"], eng.deps.cfg)
+    if body["submit"]:
+        with pool.connection() as conn:
+            stored = repo.get_result(conn, run_id=run_id, ticket_key=ticket.key)
+        if stored is not None:
+            # A retry of the same run (n8n retry, concurrent twin): never pay for the model twice.
+            return _finish_submission(run_id, ticket.key, stored, replayed=True)
+    outcome = service.triage(ticket=ticket, run_id=run_id, deps=eng.deps, mode=body["mode"])
+    response = service.outcome_as_dict(outcome)
+    if not body["submit"]:
+        return {**response, "submission": None, "replayed": False}
+    with transaction(pool) as conn:
+        inserted = repo.insert_result(conn, run_id=run_id, ticket_key=ticket.key, mode=outcome.mode,
+                                      needs_human=outcome.needs_human, confidence=outcome.result.confidence,
+                                      cost_usd=outcome.usage.cost_usd, response=response)
+    with pool.connection() as conn:
+        stored = repo.get_result(conn, run_id=run_id, ticket_key=ticket.key)
+    assert stored is not None
+    return _finish_submission(run_id, ticket.key, stored, replayed=not inserted)
+
+
+def _finish_submission(run_id: str, ticket_key: str, stored: dict[str, Any], *, replayed: bool) -> dict[str, Any]:
+    response = dict(stored["response"])
+    submission = stored.get("submission")
+    if submission is None:
+        try:
+            submission = service.submit(response, engine().guardrails)
+        except GuardrailsError as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (404, 408, 409, 429):
+                # Guardrails refused the proposal itself (e.g. invalid payload): record it, never loop.
+                submission = {"actions": [], "escalation": None, "error": str(exc), "status": exc.status}
+            else:
+                raise Unavailable(f"guardrails did not take the proposals: {exc}; retry the call "
+                                  "(the stored triage is reused, the model is not called again)",
+                                  code="guardrails_unavailable") from exc
+        with transaction(ctx().pool) as conn:
+            repo.set_submission(conn, run_id=run_id, ticket_key=ticket_key, submission=submission)
+            repo.complete_claim(conn, issue_key=ticket_key, run_id=run_id)
+    return {**response, "submission": submission, "replayed": replayed}
+
+
+@api.route("/v1/intake/jira-webhook", methods=["POST"], response=IntakeRead, callers=CALLERS)
+def intake_webhook() -> dict[str, Any]:
+    """A Jira webhook delivery, forwarded byte for byte: verify its signature, then claim the ticket once."""
+    eng = engine()
+    raw = request.get_data(cache=True)
+    delivery = (request.headers.get("X-Atlassian-Webhook-Identifier") or "")[:200] or None
+    try:
+        event, issue = service.parse_webhook(raw, request.headers.get("X-Hub-Signature"), eng.webhook_secret)
+    except service.IntakeRejected as exc:
+        with transaction(ctx().pool) as conn:
+            repo.record_intake(conn, source="webhook", outcome="rejected", delivery_id=delivery, reason=exc.code)
+        log.warning("jira webhook rejected: %s (delivery %s)", exc.code, delivery)
+        raise IntakeProblem(exc.detail, code=exc.code, status=exc.status) from exc
+    return _claim("webhook", issue, delivery=delivery, event=event)
+
+
+@api.route("/v1/intake/poll", methods=["POST"], body=PollCreate, response=PollRead, callers=CALLERS)
+def intake_poll(body: dict[str, Any]) -> dict[str, Any]:
+    """Issues found by the JQL polling twin: each is accepted once, whoever (webhook or poll) saw it first."""
+    accepted: list[dict[str, Any]] = []
+    duplicates: list[str] = []
+    rejected: list[dict[str, Any]] = []
+    for issue in body["issues"]:
+        key = issue.get("key")
+        if not isinstance(key, str) or not service.JIRA_KEY.match(key) or not isinstance(issue.get("fields"), dict):
+            with transaction(ctx().pool) as conn:
+                repo.record_intake(conn, source="poll", outcome="rejected", reason="missing_issue",
+                                   issue_key=key if isinstance(key, str) else None)
+            rejected.append({"outcome": "rejected", "issue_key": key if isinstance(key, str) else None,
+                             "reason": "missing_issue", "external_id": None, "ticket": None})
+            continue
+        answer = _claim("poll", issue, delivery=None, event="poll")
+        if answer["outcome"] == "accepted":
+            accepted.append(answer)
+        else:
+            duplicates.append(key)
+    return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+
+
+def _claim(source: str, issue: dict[str, Any], *, delivery: str | None, event: str) -> dict[str, Any]:
+    eng = engine()
+    key = issue["key"]
+    issue_id = str(issue.get("id")) if issue.get("id") is not None else None
+    with transaction(ctx().pool) as conn:
+        won = repo.claim_ticket(conn, issue_key=key, issue_id=issue_id, source=source, delivery_id=delivery,
+                                lease_seconds=eng.claim_lease_seconds)
+        outcome = "accepted" if won else "duplicate"
+        repo.record_intake(conn, source=source, outcome=outcome, delivery_id=delivery, event=event,
+                           issue_key=key, issue_id=issue_id)
+    if not won:
+        return {"outcome": "duplicate", "issue_key": key, "external_id": service.external_id(issue),
+                "ticket": None, "reason": "this ticket was already accepted for triage"}
+    return {"outcome": "accepted", "issue_key": key, "external_id": service.external_id(issue),
+            "ticket": service.ticket_from_jira_issue(issue), "reason": None}
+
+
+@api.route("/v1/intake", methods=["GET"], query=IntakeQuery, response=IntakeRecordRead, many=True, callers=CALLERS)
+def intake_list(query: dict[str, Any]) -> list[dict[str, Any]]:
+    """Recent deliveries with their outcome (accepted, duplicate, rejected and why)."""
+    with ctx().pool.connection() as conn:
+        return repo.list_intake(conn, outcome=query["outcome"], limit=query["limit"])

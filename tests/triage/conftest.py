@@ -1,0 +1,73 @@
+"""Triage test fixtures: the real configuration, evidence factories and an SDK caller aimed at the emulator."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import anthropic
+import pytest
+
+from services.triage import service
+from services.triage.config import Taxonomy, TriageConfig, default_model, load_prices, load_taxonomy, load_triage_config
+from services.triage.prompt import build_prefix, build_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "config"
+
+
+@pytest.fixture(scope="session")
+def taxonomy() -> Taxonomy:
+    return load_taxonomy(CONFIG / "taxonomy.yaml")
+
+
+@pytest.fixture(scope="session")
+def cfg(taxonomy: Taxonomy) -> TriageConfig:
+    return load_triage_config(CONFIG / "triage.yaml", taxonomy)
+
+
+@pytest.fixture(scope="session")
+def prices() -> dict[str, dict[str, float]]:
+    return load_prices(CONFIG)
+
+
+def neighbour(key: str, score: float, *, category: str | None = None, priority: str | None = None,
+              component: str | None = None, resolution: str = "Fixed by correcting the configuration.",
+              summary: str = "A similar resolved ticket", url: str | None = None) -> dict[str, Any]:
+    """One item as dedupe's /v1/similar returns it."""
+    return {"key": key, "score": score, "summary": summary, "resolution": resolution, "status": "Resolved",
+            "priority": priority, "components": [component] if component else [],
+            "labels": [f"category-{category}"] if category else [], "url": url}
+
+
+@pytest.fixture
+def make_deps(taxonomy: Taxonomy, cfg: TriageConfig, prices: dict[str, dict[str, float]]) -> Callable[..., service.TriageDeps]:
+    """TriageDeps with given evidence (the retrieval results are data here; dedupe's HTTP path is tested elsewhere)."""
+
+    def factory(similar: list[dict[str, Any]] | None = None, duplicates: dict[str, Any] | None = None,
+                llm: Callable[[str], service.MessagesCreate] | None = None) -> service.TriageDeps:
+        return service.TriageDeps(
+            taxonomy=taxonomy, cfg=cfg, prefix=build_prefix(taxonomy, cfg), tool=build_tool(taxonomy, cfg),
+            model=default_model(CONFIG, cfg), prices=prices,
+            similar=lambda t: list(similar or []), duplicates=lambda t: duplicates, llm=llm)
+
+    return factory
+
+
+def sdk_caller(base_url: str, api_key: str) -> Callable[[str], service.MessagesCreate]:
+    """A Messages API caller using the real `anthropic` SDK against a URL (the emulator here)."""
+
+    def for_run(run_id: str) -> service.MessagesCreate:
+        client = anthropic.Anthropic(base_url=base_url, api_key=api_key, max_retries=0,
+                                     default_headers={"X-Metis-Run-Id": run_id})
+
+        def create(**kwargs: Any) -> tuple[Any, float | None]:
+            return client.messages.create(**kwargs), None
+
+        return create
+
+    return for_run
+
+
+def ticket(key: str = "PAY-2001", summary: str = "Kiosk clock-in times are one hour late", description: str = "",
+           **extra: Any) -> dict[str, Any]:
+    return {"key": key, "summary": summary, "description": description, **extra}
