@@ -215,7 +215,7 @@ def validate(body: Any, *, needs_max_tokens: bool) -> dict[str, Any]:
     _validate_breakpoints(body)
     total = tok.count_input_tokens(body)
     _require(total <= info.context_window, f"prompt is too long: {total} tokens > {info.context_window} maximum")
-    return body
+    return dict(body)
 
 
 def _breakpoints(body: dict[str, Any]) -> tuple[int, list[tuple[int, str]]]:
@@ -328,8 +328,8 @@ def _forced_tool(body: dict[str, Any]) -> dict[str, Any] | None:
     if not tools or choice.get("type") not in ("any", "tool"):
         return None
     if choice["type"] == "tool":
-        return next(t for t in tools if t.get("name") == choice["name"])
-    return next((t for t in tools if t.get("type") in (None, "custom")), tools[0])
+        return dict(next(t for t in tools if t.get("name") == choice["name"]))
+    return dict(next((t for t in tools if t.get("type") in (None, "custom")), tools[0]))
 
 
 def _reply_content(body: dict[str, Any], step: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -477,10 +477,10 @@ def create_app(keys: tuple[str, ...]) -> tuple[Flask, AnthropicState]:
                 headers["retry-after-ms"] = str(step["retry_after_ms"])
             if step.get("should_retry") is not None:
                 headers["x-should-retry"] = "true" if step["should_retry"] else "false"
-            exc = ApiError(status, str(step.get("message") or ERROR_MESSAGES.get(status, "Scripted error")),
-                           step.get("error_type"))
-            record(status, body, {"error": exc.error_type, "scripted": True})
-            return error(exc, request_id, headers)
+            fault = ApiError(status, str(step.get("message") or ERROR_MESSAGES.get(status, "Scripted error")),
+                             step.get("error_type"))
+            record(status, body, {"error": fault.error_type, "scripted": True})
+            return error(fault, request_id, headers)
         cache = apply_cache(state, key, body)
         content, stop_reason, stop_seq, out_tokens = _finish(body, _reply_content(body, step), step)
         usage: dict[str, Any] = {

@@ -8,8 +8,8 @@ try:  # Python 3.11+: the regex parser lives in re._parser
     import re._parser as sre_parse  # type: ignore[import-not-found]
     import re._constants as sre_c  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - older interpreters
-    import sre_constants as sre_c  # type: ignore[no-redef]
-    import sre_parse  # type: ignore[no-redef]
+    import sre_constants as sre_c
+    import sre_parse
 
 MAX_DEPTH = 8
 _FORMATS = {

@@ -194,10 +194,12 @@ class HttpServer:
     def __init__(self, name: str, app: Flask, host: str, port: int) -> None:
         self.name = name
         self.server: BaseWSGIServer = make_server(host, port, app, threaded=True, request_handler=_Handler)
-        self.server.daemon_threads = True
+        self.server.daemon_threads = True  # type: ignore[attr-defined]  # ThreadedWSGIServer
         self.host = host
         self.port = int(self.server.server_port)
-        self._thread = threading.Thread(target=self.server.serve_forever, name=f"emu-{name}", daemon=True)
+        # A short poll interval keeps shutdown (SIGTERM → exit) quick.
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"emu-{name}", daemon=True)
 
     @property
     def url(self) -> str:

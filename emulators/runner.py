@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from emulators import anthropic_api, confluence, demo, jira, mail, salesforce, slack
 from emulators.common import HttpServer
 
 DEFAULT_PORTS = {"anthropic": 8200, "jira": 8201, "slack": 8202, "mail": 8203, "confluence": 8204,
@@ -48,8 +49,6 @@ class Running:
 
 def start(args: argparse.Namespace) -> Running:
     """Build every app, bind every port, start serving; return URLs and a stopper."""
-    from emulators import anthropic_api
-
     keys = tuple(args.anthropic_key or [os.environ.get("EMULATOR_ANTHROPIC_KEY", "sk-ant-emulator")])
     servers: list[HttpServer] = []
     anthropic_app, _ = anthropic_api.create_app(keys)
@@ -57,37 +56,28 @@ def start(args: argparse.Namespace) -> Running:
     extra_stops: list[Callable[[], None]] = []
     urls: dict[str, Any] = {}
 
-    try:
-        from emulators import confluence, jira, mail, salesforce, slack
-    except ImportError:  # pragma: no cover - only while the package is being assembled
-        jira = None  # type: ignore[assignment]
-    if jira is not None:
-        jira_app, jira_state = jira.create_app(user=args.jira_user, token=args.jira_token,
-                                               default_secret=args.jira_webhook_secret)
-        servers.append(HttpServer("jira", jira_app, args.host, args.jira_port))
-        slack_app, _ = slack.create_app()
-        servers.append(HttpServer("slack", slack_app, args.host, args.slack_port))
-        confluence_app, confluence_state = confluence.create_app(user=args.jira_user, token=args.jira_token)
-        servers.append(HttpServer("confluence", confluence_app, args.host, args.confluence_port))
-        sf_app, sf_state = salesforce.create_app(client_id=args.salesforce_client_id,
-                                                 client_secret=args.salesforce_client_secret)
-        servers.append(HttpServer("salesforce", sf_app, args.host, args.salesforce_port))
-        inbox = mail.Inbox()
-        mail_app = mail.create_app(inbox)
-        servers.append(HttpServer("mail", mail_app, args.host, args.mail_port))
-        smtp = mail.start_smtp(inbox, args.host, args.smtp_port)
-        extra_stops.append(smtp.stop)
-        urls["smtp"] = {"host": args.host, "port": smtp.port}
-        for srv in servers:  # base URLs are known only once every port is bound
-            if srv.name == "jira":
-                jira_state.base_url = srv.url
-            elif srv.name == "confluence":
-                confluence_state.base_url = srv.url
-            elif srv.name == "salesforce":
-                sf_state.base_url = srv.url
-        if args.seed_demo:
-            from emulators import demo
-            demo.seed(jira_state, confluence_state, sf_state)
+    jira_app, jira_state = jira.create_app(user=args.jira_user, token=args.jira_token,
+                                           default_secret=args.jira_webhook_secret)
+    servers.append(HttpServer("jira", jira_app, args.host, args.jira_port))
+    slack_app, _ = slack.create_app()
+    servers.append(HttpServer("slack", slack_app, args.host, args.slack_port))
+    confluence_app, confluence_state = confluence.create_app(user=args.jira_user, token=args.jira_token)
+    servers.append(HttpServer("confluence", confluence_app, args.host, args.confluence_port))
+    sf_app, sf_state = salesforce.create_app(client_id=args.salesforce_client_id,
+                                             client_secret=args.salesforce_client_secret)
+    servers.append(HttpServer("salesforce", sf_app, args.host, args.salesforce_port))
+    inbox = mail.Inbox()
+    servers.append(HttpServer("mail", mail.create_app(inbox), args.host, args.mail_port))
+    smtp = mail.start_smtp(inbox, args.host, args.smtp_port)
+    extra_stops.append(smtp.stop)
+    urls["smtp"] = {"host": args.host, "port": smtp.port}
+    by_name = {srv.name: srv for srv in servers}
+    # Self links and instance URLs are known only once every port is bound.
+    jira_state.base_url = by_name["jira"].url
+    confluence_state.base_url = by_name["confluence"].url
+    sf_state.base_url = by_name["salesforce"].url
+    if args.seed_demo:
+        demo.seed(jira_state, jira_app.config["jira_hub"], confluence_state, sf_state)
 
     for srv in servers:
         srv.start()
@@ -96,8 +86,11 @@ def start(args: argparse.Namespace) -> Running:
     def stop() -> None:
         for fn in extra_stops:
             fn()
-        for srv in servers:
-            srv.stop()
+        stoppers = [threading.Thread(target=srv.stop) for srv in servers]  # in parallel: each waits one poll
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(5)
 
     return Running(urls=urls, stop=stop)
 
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ready_file:
         write_ready(args.ready_file, running.urls)
     print(json.dumps(running.urls), flush=True)
-    while not done.wait(0.5):  # a timed wait keeps signal handling prompt
+    while not done.wait(0.1):  # a timed wait keeps signal handling prompt
         pass
     running.stop()
     if args.ready_file:

@@ -41,7 +41,7 @@ request = st.builds(
     st.sampled_from(["auto", "any", "none"]), st.booleans())
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(request)
 def test_input_tokens_never_exceed_body_bytes_plus_tool_prompt(case: tuple[dict[str, Any], bool]) -> None:
     body, ascii_only = case
