@@ -61,8 +61,12 @@ def ctx() -> ServiceContext:
 
 def create_service_app(settings: Settings, *, apis: Iterable[Api], version: str = "0.1.0",
                        pool: ConnectionPool | None = None, migrate: bool = True,
-                       ready_checks: dict[str, ReadyCheck] | None = None) -> Flask:
-    """Wire a service: nothing happens at import time, everything from `settings`."""
+                       ready_checks: dict[str, ReadyCheck] | None = None,
+                       public_paths: Iterable[str] = ()) -> Flask:
+    """Wire a service: nothing happens at import time, everything from `settings`.
+
+    `public_paths` skip the shared bearer check (a path that authenticates its callers itself, e.g. the
+    guardrails LLM gateway, which also accepts the Anthropic SDK's x-api-key header)."""
     configure_logging(settings.service, settings.log_level)
     app = Flask(f"metis.{settings.service}")
     app.config["JSON_SORT_KEYS"] = False
@@ -82,7 +86,7 @@ def create_service_app(settings: Settings, *, apis: Iterable[Api], version: str 
         exec_id = request.headers.get("X-N8N-Execution-Id", "")
         g.n8n_execution_id = exec_id if _REQUEST_ID.match(exec_id) else None
 
-    app.before_request(install_auth(lambda: settings.caller_tokens, PUBLIC_PATHS))
+    app.before_request(install_auth(lambda: settings.caller_tokens, PUBLIC_PATHS | frozenset(public_paths)))
     instrument(app, settings.service)
 
     @app.after_request
@@ -115,7 +119,7 @@ def create_service_app(settings: Settings, *, apis: Iterable[Api], version: str 
 
     @app.get("/metrics")
     def metrics() -> Response:
-        return metrics_response()
+        return metrics_response(service_ctx.state.get("metrics_collectors", ()))
 
     @app.get("/openapi.json")
     def openapi() -> Any:

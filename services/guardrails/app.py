@@ -1,15 +1,78 @@
 """Application factory for the guardrails service — wiring only."""
 from __future__ import annotations
 
+import os
+import socket
+import sys
+from typing import Any, Callable
+
+import requests
 from flask import Flask
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
 
 from shared.settings import Settings
 from shared.web import create_service_app
 
-from .api import api
+from . import service
+from .api import GATEWAY_PATHS, api, gateway_api
+from .gateway import Gateway
+from .metrics import LedgerCollector
+from .policy import load_policy
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the guardrails app from explicit settings, else from the environment."""
+def create_app(settings: Settings | None = None, *, anthropic_api_key: str | None = None,
+               background: bool | None = None) -> Flask:
+    """Build the guardrails app from explicit settings, else from the environment.
+
+    An invalid policy.yaml / prices.yaml raises PolicyError listing every problem, so the service never starts
+    with a policy it cannot enforce.
+    """
     settings = settings or Settings.from_env("guardrails")
-    return create_service_app(settings, apis=[api])
+    extra = settings.extra
+    policy = load_policy(settings.config_dir)
+    # The gateway's own pool: autocommit (one round trip per ledger statement) and no borrow-time ping.
+    pool = ConnectionPool(settings.database_url, min_size=2, max_size=int(extra.get("METIS_DB_POOL_SIZE", "12")),
+                          kwargs={"row_factory": dict_row, "autocommit": True}, open=False, name="guardrails",
+                          timeout=float(extra.get("METIS_DB_POOL_TIMEOUT", "3")))
+    app = create_service_app(settings, apis=[api, gateway_api], pool=pool, public_paths=GATEWAY_PATHS)
+    state = app.extensions["metis"].state
+    store = service.PolicyStore(pool, policy)
+    store.record(policy, actor=f"startup:{socket.gethostname()}:{os.getpid()}")
+    key = anthropic_api_key if anthropic_api_key is not None else os.environ.get("ANTHROPIC_API_KEY", "")
+    state["policies"] = store
+    state["gateway"] = Gateway(pool=pool, policies=store,
+                               upstream_url=extra.get("METIS_ANTHROPIC_URL", "https://api.anthropic.com"),
+                               api_key=key, timeout=float(extra.get("METIS_ANTHROPIC_TIMEOUT", "600")))
+    state["metrics_collectors"] = [LedgerCollector(pool, store)]
+
+    if background is None:
+        # Default: on in served processes (gunicorn workers), off in an app built inside a test or a script.
+        background = extra.get("METIS_GUARDRAILS_BACKGROUND", "1" if "gunicorn" in sys.modules else "0") == "1"
+    run_background = background
+    if run_background:
+        state["background"] = _background(pool, store, settings)
+        state["background"].start()
+    return app
+
+
+def _background(pool: ConnectionPool, store: service.PolicyStore, settings: Settings) -> service.Background:
+    """Sweeper, alert outbox, heartbeat checker and watcher ping; every job is safe in many workers at once."""
+    extra = settings.extra
+    session = requests.Session()
+    jobs: dict[str, tuple[float, Callable[[], Any]]] = {
+        "sweeper": (float(extra.get("METIS_SWEEP_SECONDS", "5")), lambda: service.sweep_expired(pool, store.get())),
+        "heartbeats": (float(extra.get("METIS_HEARTBEAT_CHECK_SECONDS", "15")),
+                       lambda: service.check_heartbeats(pool, store.get())),
+    }
+    alert_url = extra.get("METIS_ALERT_WEBHOOK_URL")
+    if alert_url:
+        token = os.environ.get("METIS_ALERT_WEBHOOK_TOKEN") or settings.own_token.get() or None
+        jobs["alerts"] = (float(extra.get("METIS_ALERT_POLL_SECONDS", "2")),
+                          lambda: service.deliver_alerts(pool, url=alert_url, token=token, session=session))
+    watcher_url = extra.get("METIS_WATCHER_URL")
+    if watcher_url:
+        interval = float(extra.get("METIS_WATCHER_INTERVAL_SECONDS", "60"))
+        jobs["watcher"] = (min(interval, 5.0), lambda: service.ping_watcher(
+            pool, url=watcher_url, interval_seconds=interval, session=session))
+    return service.Background(jobs)
