@@ -100,6 +100,7 @@ class TriageConfig:
     offline_agreement_min_confidence: float
     llm_model: str | None
     llm_max_tokens: int
+    llm_cache_ttl: str
     llm_max_attempts: int
     llm_max_similar: int
     operations: tuple[str, ...]
@@ -274,6 +275,7 @@ def load_triage_config(path: str | Path, taxonomy: Taxonomy) -> TriageConfig:
                                            minimum=0.0, maximum=1.0),
         llm_model=model,
         llm_max_tokens=g(doc, "llm.max_tokens", int, minimum=100, maximum=8192),
+        llm_cache_ttl=g(doc, "llm.cache_ttl", str),
         llm_max_attempts=g(doc, "llm.max_attempts", int, minimum=1, maximum=3),
         llm_max_similar=g(doc, "llm.max_similar_in_prompt", int, minimum=0, maximum=20),
         operations=tuple(operations),
@@ -282,6 +284,8 @@ def load_triage_config(path: str | Path, taxonomy: Taxonomy) -> TriageConfig:
         forbidden=tuple(forbidden),
         examples=tuple(examples),
     )
+    if cfg.llm_cache_ttl not in ("5m", "1h"):
+        r.problems.append(f"llm.cache_ttl: must be 5m or 1h, got {cfg.llm_cache_ttl!r}")
     r.fail_if_problems()
     return cfg
 

@@ -214,7 +214,7 @@ def build_request(*, model: str, prefix: str, tool: dict[str, Any], user_message
         # caches both, so every triage after the first reads the whole prefix from cache.
         "tools": [tool],
         "tool_choice": {"type": "tool", "name": TOOL_NAME},
-        "system": [{"type": "text", "text": prefix, "cache_control": {"type": "ephemeral"}}],
+        "system": [{"type": "text", "text": prefix, "cache_control": {"type": "ephemeral", "ttl": cfg.llm_cache_ttl}}],
         "messages": [{"role": "user", "content": user_message}],
     }
 

@@ -39,7 +39,7 @@ def test_prefix_is_cacheable_on_the_cheap_model_and_stable(taxonomy: Taxonomy, c
     through_system = preamble + sum(s.tokens for s in segs if s.section in ("tools", "system"))
     minimum = anthropic_models.lookup(model).min_cacheable_tokens  # type: ignore[union-attr]
     assert through_system >= minimum + 1000, (through_system, minimum)
-    assert body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert body["system"][-1]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
 
 
 def test_ticket_text_comes_last_and_cannot_close_its_delimiter(cfg: TriageConfig) -> None:

@@ -39,7 +39,7 @@ def test_llm_answer_becomes_the_proposal_and_the_prefix_is_read_from_cache(emu, 
     body = emu.anthropic_requests("/v1/messages")[-1]["body"]
     assert body["model"] == "claude-haiku-4-5"
     assert body["tool_choice"] == {"type": "tool", "name": "record_triage"}
-    assert body["system"][0]["cache_control"] == {"type": "ephemeral"}
+    assert body["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     user = body["messages"][0]["content"]
     assert user.rstrip().endswith("</ticket>") and "Mobile clocking records the wrong hour" in user
     assert user.index("<similar_tickets>") < user.index("<ticket>")
