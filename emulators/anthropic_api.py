@@ -157,8 +157,22 @@ def _validate_tools(body: dict[str, Any]) -> None:
             _require(bool(tools), "tool_choice: tool_choice may only be specified while providing tools")
 
 
-def validate(body: Any, *, needs_max_tokens: bool) -> dict[str, Any]:
-    """Check a request the way the API does; return it or raise ApiError(400/404)."""
+@dataclass
+class Prepared:
+    """A validated request split into prefix segments (computed once per request)."""
+
+    body: dict[str, Any]
+    preamble: int
+    segments: list[tok.Segment]
+    points: list[tuple[int, str]]  # (segment index, ttl) of every cache breakpoint, in prefix order
+
+    @property
+    def total(self) -> int:
+        return self.preamble + sum(s.tokens for s in self.segments)
+
+
+def validate(body: Any, *, needs_max_tokens: bool) -> Prepared:
+    """Check a request the way the API does; return it prepared or raise ApiError(400/404)."""
     _require(isinstance(body, dict), "There was an issue with your request body: expected a JSON object")
     model = body.get("model")
     _require(isinstance(model, str) and model != "", "model: Field required")
@@ -212,26 +226,26 @@ def validate(body: Any, *, needs_max_tokens: bool) -> dict[str, Any]:
         budget = thinking.get("budget_tokens")
         _require(isinstance(budget, int) and budget >= 1024, "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
         _require(budget < body["max_tokens"], "`max_tokens` must be greater than `thinking.budget_tokens`")
-    _validate_breakpoints(body)
-    total = tok.count_input_tokens(body)
+    preamble, segs = tok.segments(body)
+    prepared = Prepared(dict(body), preamble, segs, _breakpoints(body, segs))
+    _validate_breakpoints(prepared.points)
+    total = prepared.total
     _require(total <= info.context_window, f"prompt is too long: {total} tokens > {info.context_window} maximum")
-    return dict(body)
+    return prepared
 
 
-def _breakpoints(body: dict[str, Any]) -> tuple[int, list[tuple[int, str]]]:
-    """(preamble tokens, [(segment index, ttl)]) of explicit breakpoints plus the automatic one."""
-    _, segs = tok.segments(body)
+def _breakpoints(body: dict[str, Any], segs: list[tok.Segment]) -> list[tuple[int, str]]:
+    """[(segment index, ttl)] of explicit breakpoints plus the automatic (top-level cache_control) one."""
     points = [(i, str(s.cache_control.get("ttl", "5m"))) for i, s in enumerate(segs) if s.cache_control]
     auto = body.get("cache_control")
     if auto and segs:
         last = len(segs) - 1
         if all(p != last for p, _ in points):
             points.append((last, str(auto.get("ttl", "5m"))))
-    return 0, sorted(points)
+    return sorted(points)
 
 
-def _validate_breakpoints(body: dict[str, Any]) -> None:
-    _, points = _breakpoints(body)
+def _validate_breakpoints(points: list[tuple[int, str]]) -> None:
     if len(points) > MAX_BREAKPOINTS:
         raise ApiError(400, f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {len(points)}.")
     seen_5m = False
@@ -255,13 +269,13 @@ class CacheUsage:
     creation_1h: int
 
 
-def apply_cache(state: AnthropicState, api_key: str, body: dict[str, Any]) -> CacheUsage:
+def apply_cache(state: AnthropicState, api_key: str, prepared: Prepared) -> CacheUsage:
     """Look up the longest cached prefix, write the breakpoints after it, refresh what was hit."""
+    body = prepared.body
     info = lookup(body["model"])
     assert info is not None
-    preamble, segs = tok.segments(body)
-    total = preamble + sum(s.tokens for s in segs)
-    _, points = _breakpoints(body)
+    preamble, segs, points = prepared.preamble, prepared.segments, prepared.points
+    total = prepared.total
     if not points:
         return CacheUsage(total, 0, 0, 0)
     cum: list[int] = []
@@ -441,11 +455,10 @@ def create_app(keys: tuple[str, ...]) -> tuple[Flask, AnthropicState]:
         try:
             authenticate()
             body = parse_body()
-            validate(body, needs_max_tokens=False)
+            count = validate(body, needs_max_tokens=False).total
         except ApiError as exc:
             record(exc.status, body, {"error": exc.error_type})
             return error(exc, request_id)
-        count = tok.count_input_tokens(body)
         record(200, body, {"input_tokens": count})
         resp = jsonify({"input_tokens": count})
         resp.headers["request-id"] = request_id
@@ -459,7 +472,7 @@ def create_app(keys: tuple[str, ...]) -> tuple[Flask, AnthropicState]:
             key = authenticate()
             raw = request.get_data(cache=True).decode("utf-8", "replace")
             body = parse_body()
-            validate(body, needs_max_tokens=True)
+            prepared = validate(body, needs_max_tokens=True)
         except ApiError as exc:
             record(exc.status, body, {"error": exc.error_type})
             return error(exc, request_id)
@@ -481,7 +494,7 @@ def create_app(keys: tuple[str, ...]) -> tuple[Flask, AnthropicState]:
                              step.get("error_type"))
             record(status, body, {"error": fault.error_type, "scripted": True})
             return error(fault, request_id, headers)
-        cache = apply_cache(state, key, body)
+        cache = apply_cache(state, key, prepared)
         content, stop_reason, stop_seq, out_tokens = _finish(body, _reply_content(body, step), step)
         usage: dict[str, Any] = {
             "input_tokens": cache.input_tokens,

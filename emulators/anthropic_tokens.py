@@ -96,15 +96,21 @@ def block_tokens(block: dict[str, Any]) -> int:
     return json_tokens({k: v for k, v in block.items() if k != "type"})
 
 
-@dataclass(frozen=True)
+@dataclass
 class Segment:
     """One cacheable position in the prompt prefix (a tool, a system block, or a message content block)."""
 
     section: str
     label: str
     tokens: int
-    canonical: bytes
+    prefix: bytes
+    block: dict[str, Any]
     cache_control: dict[str, Any] | None
+
+    @property
+    def canonical(self) -> bytes:
+        """Exact identity of the block (cache_control excluded), computed only when caching needs it."""
+        return self.prefix + json.dumps(_strip_cc(self.block), sort_keys=True).encode()
 
 
 def message_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,16 +139,14 @@ def segments(body: dict[str, Any]) -> tuple[int, list[Segment]]:
     choice = json.dumps(body.get("tool_choice"), sort_keys=True).encode()
     out: list[Segment] = []
     for i, tool in enumerate(tools):
-        out.append(Segment("tools", f"tools.{i}", json_tokens(tool),
-                           json.dumps(_strip_cc(tool), sort_keys=True).encode(), tool.get("cache_control")))
+        out.append(Segment("tools", f"tools.{i}", json_tokens(tool), b"", tool, tool.get("cache_control")))
     for i, block in enumerate(system_blocks(body)):
-        out.append(Segment("system", f"system.{i}", block_tokens(block),
-                           choice + json.dumps(_strip_cc(block), sort_keys=True).encode(), block.get("cache_control")))
+        out.append(Segment("system", f"system.{i}", block_tokens(block), choice, block, block.get("cache_control")))
     for m, message in enumerate(body.get("messages") or []):
         for j, block in enumerate(message_blocks(message)):
             tokens = block_tokens(block) + (MESSAGE_OVERHEAD_TOKENS if j == 0 else 0)
-            canonical = choice + f"{message.get('role')}|{m}|{j}|".encode() + json.dumps(_strip_cc(block), sort_keys=True).encode()
-            out.append(Segment("messages", f"messages.{m}.content.{j}", tokens, canonical, block.get("cache_control")))
+            prefix = choice + f"{message.get('role')}|{m}|{j}|".encode()
+            out.append(Segment("messages", f"messages.{m}.content.{j}", tokens, prefix, block, block.get("cache_control")))
     return preamble, out
 
 

@@ -62,7 +62,7 @@ class WebhookHub:
         self.hooks: list[Webhook] = []
         self.deliveries: list[Delivery] = []
         self._ids = itertools.count(1)
-        self._queue: queue.Queue[tuple[Delivery, int] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Delivery, int, int] | None] = queue.Queue()
         self._session = requests.Session()
         self._worker = threading.Thread(target=self._run, name="jira-webhooks", daemon=True)
         self._worker.start()
@@ -104,7 +104,9 @@ class WebhookHub:
             if len(self.deliveries) > 5000:
                 del self.deliveries[:1000]
         if hook.asynchronous:
-            self._queue.put((delivery, 0))
+            with self.lock:
+                generation = self._generation
+            self._queue.put((delivery, 0, generation))
         else:
             self._attempt(delivery, 0)
         return delivery
@@ -157,9 +159,9 @@ class WebhookHub:
             item = self._queue.get()
             if item is None:
                 return
-            delivery, retry = item
+            delivery, retry, generation = item
             try:
-                self._attempt(delivery, retry)
+                self._retry(delivery, retry, generation)  # dropped if the emulator was reset meanwhile
             except Exception:  # the worker must survive any single bad delivery
                 continue
 

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}-port", type=int, default=port, help=f"0 = any free port (default {port})")
     p.add_argument("--ready-file", type=Path, help="JSON with every URL, written atomically once all listen")
     p.add_argument("--anthropic-key", action="append", default=None,
-                   help="accepted x-api-key (repeatable; default from EMULATOR_ANTHROPIC_KEY or 'sk-ant-emulator')")
+                   help="accepted API key (repeatable; default: EMULATOR_ANTHROPIC_KEY, comma-separated, or 'sk-ant-emulator')")
     p.add_argument("--jira-user", default=os.environ.get("EMULATOR_JIRA_USER", "metis@example.com"))
     p.add_argument("--jira-token", default=os.environ.get("EMULATOR_JIRA_TOKEN", "jira-emulator-token"))
     p.add_argument("--jira-webhook-secret", default=os.environ.get("EMULATOR_JIRA_WEBHOOK_SECRET"),
@@ -49,7 +49,8 @@ class Running:
 
 def start(args: argparse.Namespace) -> Running:
     """Build every app, bind every port, start serving; return URLs and a stopper."""
-    keys = tuple(args.anthropic_key or [os.environ.get("EMULATOR_ANTHROPIC_KEY", "sk-ant-emulator")])
+    env_keys = [k for k in os.environ.get("EMULATOR_ANTHROPIC_KEY", "sk-ant-emulator").split(",") if k]
+    keys = tuple(args.anthropic_key or env_keys)
     servers: list[HttpServer] = []
     anthropic_app, _ = anthropic_api.create_app(keys)
     servers.append(HttpServer("anthropic", anthropic_app, args.host, args.anthropic_port))
