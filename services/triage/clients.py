@@ -7,14 +7,13 @@ from typing import Any, Callable
 import anthropic
 import requests
 
+from shared import guardrails_client as gc
 from shared.settings import Secret
 
 from .service import BudgetDenied, LlmUnavailable, MessagesCreate, RetrievalError, Ticket
 
 log = logging.getLogger(__name__)
 
-RUN_HEADER = "X-Metis-Run-Id"
-DENIAL_HEADER = "X-Metis-Denial"
 COST_HEADER = "X-Metis-Cost-USD"
 
 
@@ -75,11 +74,10 @@ class GuardrailsClient:
         self._session = session or requests.Session()
 
     def anthropic_for_run(self, run_id: str) -> anthropic.Anthropic:
-        """The official SDK wired to the gateway: our service token as the key, the run id in a header."""
-        return anthropic.Anthropic(base_url=self._base + "/anthropic", api_key=self._token.get(),
-                                   default_headers={RUN_HEADER: run_id}, timeout=self._llm_timeout,
-                                   # The SDK owns LLM retries (429 / 529 / 5xx); denials carry x-should-retry: false.
-                                   max_retries=2)
+        """The official SDK wired to the gateway (shared client): our token as the key, the run id in a header.
+        The SDK owns LLM retries (429 / 529 / 5xx); denials are never retried."""
+        return gc.GuardrailsClient(self._base, self._token).anthropic(run_id, max_retries=2,
+                                                                      timeout=self._llm_timeout)
 
     def messages_create(self, run_id: str) -> MessagesCreate:
         """A Messages API caller for one run that reports the gateway's cost and maps denials to BudgetDenied."""
@@ -88,9 +86,11 @@ class GuardrailsClient:
         def create(**kwargs: Any) -> tuple[Any, float | None]:
             try:
                 raw = client.messages.with_raw_response.create(**kwargs)
+            except gc.BudgetDenied as exc:
+                raise BudgetDenied(f"{exc.reason}: {exc}") from exc
             except anthropic.APIStatusError as exc:
-                denial = exc.response.headers.get(DENIAL_HEADER)
-                if denial:
+                denial = exc.response.headers.get(gc.DENIAL_HEADER)
+                if denial:  # e.g. unknown_run (404): also a refusal, not an outage
                     raise BudgetDenied(f"{denial}: {_message(exc)}") from exc
                 raise LlmUnavailable(f"HTTP {exc.status_code}: {_message(exc)}") from exc
             except anthropic.APIError as exc:
