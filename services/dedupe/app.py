@@ -1,15 +1,56 @@
 """Application factory for the dedupe service — wiring only."""
 from __future__ import annotations
 
-from flask import Flask
+import json
+from typing import Callable
 
+from flask import Flask, request
+
+from shared.embeddings import CachingEmbedder, Embedder, MiniLMEmbedder
 from shared.settings import Settings
 from shared.web import create_service_app
 
 from .api import api
+from .config import load_config
+from .llm import LlmVerifier
+from .service import Engine, ModelHolder
+
+MAX_BODY = 64 * 1024 * 1024  # big batches are fine; beyond this, split the batch
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the dedupe app from explicit settings, else from the environment."""
+def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[], Embedder] | None = None,
+               background: bool = True) -> Flask:
+    """Build the dedupe app; the model and index load in the background (see /readyz)."""
     settings = settings or Settings.from_env("dedupe")
-    return create_service_app(settings, apis=[api])
+    config = load_config(settings.config_dir)
+    holder = ModelHolder(embedder_factory or (lambda: CachingEmbedder(MiniLMEmbedder(config.embedding))))
+    engine_box: dict[str, Engine] = {}
+    app = create_service_app(settings, apis=[api], ready_checks={
+        "model": holder.check, "index": lambda: engine_box["engine"].ready_check()})
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    service_ctx = app.extensions["metis"]
+    engine = Engine(config=config, pool=service_ctx.pool, model=holder)
+    engine_box["engine"] = engine
+    service_ctx.state["engine"] = engine
+    if config.llm.enabled and settings.extra.get("METIS_DEDUPE_LLM", "off").lower() in ("on", "1", "true"):
+        base = settings.extra.get("METIS_DEDUPE_LLM_BASE_URL") or f"{settings.guardrails_url}/anthropic"
+        service_ctx.state["verifier"] = LlmVerifier(base_url=base, api_key=settings.own_token.get(),
+                                                    config=config.llm)
+
+    @app.before_request
+    def _lenient_utf8() -> None:
+        # Ticket text comes from anywhere: a body that is not valid UTF-8 is decoded with replacement
+        # characters instead of being refused as "not JSON".
+        if request.method in ("POST", "PUT", "PATCH") and request.is_json:
+            raw = request.get_data(cache=True)
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                try:
+                    parsed = json.loads(raw.decode("utf-8", "replace"))
+                except ValueError:
+                    return
+                request._cached_json = (parsed, parsed)  # type: ignore[attr-defined]
+
+    engine.start(background=background)
+    return app

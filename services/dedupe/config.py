@@ -1,0 +1,137 @@
+"""config/dedupe.yaml: weights, thresholds and limits, validated at start-up with every problem listed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from shared.embeddings import MiniLMOptions
+
+from .lexical import Bm25Params
+
+
+class ConfigError(RuntimeError):
+    """config/dedupe.yaml is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    lexical: float = 0.5
+    dense: float = 1.0
+    recency: float = 0.04
+    pool: int = 200
+
+
+@dataclass(frozen=True)
+class VerdictConfig:
+    dense_share: float = 0.6
+    duplicate: float = 0.93
+    possible: float = 0.70
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    enabled: bool = False
+    model: str = "claude-haiku-4-5"
+    max_tokens: int = 400
+    top_k: int = 3
+    timeout_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    """Everything tunable about retrieval and verdicts."""
+
+    embedding: MiniLMOptions = field(default_factory=MiniLMOptions)
+    embed_max_chars: int = 2000
+    lexical: Bm25Params = field(default_factory=Bm25Params)
+    description_tokens: int = 400
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    verdict: VerdictConfig = field(default_factory=VerdictConfig)
+    similar_exclude: frozenset[str] = frozenset()
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    description_chars_stored: int = 50_000
+
+
+def _section(raw: Mapping[str, Any], name: str, cls: type, problems: list[str],
+             extra: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:
+    data = raw.get(name) or {}
+    if not isinstance(data, dict):
+        problems.append(f"{name}: must be a mapping")
+        return cls(), {}
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for k, v in data.items():
+        if k in extra:
+            rest[k] = v
+        elif k not in known:
+            problems.append(f"{name}.{k}: unknown setting")
+        else:
+            default = getattr(cls(), k)
+            if isinstance(default, bool):
+                ok = isinstance(v, bool)
+            elif isinstance(default, (int, float)):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            else:
+                ok = isinstance(v, type(default)) or default is None
+            if not ok:
+                problems.append(f"{name}.{k}: expected {type(default).__name__}, got {v!r}")
+            else:
+                kwargs[k] = type(default)(v) if isinstance(default, (int, float)) and not isinstance(default, bool) else v
+    return cls(**kwargs), rest
+
+
+def load_config(config_dir: str | Path) -> DedupeConfig:
+    """Read <config_dir>/dedupe.yaml; raise ConfigError naming every bad path."""
+    path = Path(config_dir) / "dedupe.yaml"
+    if not path.is_file():
+        root_path = Path(__file__).resolve().parents[2] / "config" / "dedupe.yaml"
+        if not root_path.is_file():
+            raise ConfigError(f"{path} not found")
+        path = root_path
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    problems: list[str] = []
+    for key in raw:
+        if key not in {"embedding", "lexical", "fusion", "verdict", "similar", "llm", "limits"}:
+            problems.append(f"{key}: unknown section")
+    emb_raw = dict(raw.get("embedding") or {})
+    provider = emb_raw.pop("provider", "minilm")
+    if provider != "minilm":
+        problems.append(f"embedding.provider: only 'minilm' is implemented, got {provider!r}")
+    max_chars = emb_raw.pop("max_chars", 2000)
+    embedding, _ = _section({"embedding": emb_raw}, "embedding", MiniLMOptions, problems)
+    lex_raw = dict(raw.get("lexical") or {})
+    description_tokens = lex_raw.pop("description_tokens", 400)
+    lexical, _ = _section({"lexical": lex_raw}, "lexical", Bm25Params, problems)
+    fusion, _ = _section(raw, "fusion", FusionConfig, problems)
+    verdict, _ = _section(raw, "verdict", VerdictConfig, problems)
+    llm, _ = _section(raw, "llm", LlmConfig, problems)
+    if not 0 <= verdict.possible <= verdict.duplicate:
+        problems.append("verdict: need 0 <= possible <= duplicate")
+    if not 0 <= verdict.dense_share <= 1:
+        problems.append("verdict.dense_share: must be within [0, 1]")
+    similar = raw.get("similar") or {}
+    exclude = similar.get("exclude_resolutions", []) if isinstance(similar, dict) else None
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        problems.append("similar.exclude_resolutions: must be a list of strings")
+        exclude = []
+    limits = raw.get("limits") or {}
+    stored = limits.get("description_chars_stored", 50_000) if isinstance(limits, dict) else 50_000
+    for name, value in (("embedding.max_chars", max_chars), ("lexical.description_tokens", description_tokens),
+                        ("limits.description_chars_stored", stored)):
+        if not isinstance(value, int) or value <= 0:
+            problems.append(f"{name}: must be a positive integer, got {value!r}")
+    if problems:
+        raise ConfigError(f"invalid {path}:\n  - " + "\n  - ".join(problems))
+    return DedupeConfig(embedding=embedding, embed_max_chars=max_chars, lexical=lexical,
+                        description_tokens=description_tokens, fusion=fusion, verdict=verdict,
+                        similar_exclude=frozenset(x.lower() for x in exclude), llm=llm,
+                        description_chars_stored=stored)

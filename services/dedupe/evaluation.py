@@ -1,0 +1,270 @@
+"""Duplicate-detection evaluation through the service's HTTP API (the path production uses).
+
+Protocol (Zhang et al., TOSEM 2023, as in the gitbugs README): for each duplicate pair the later report
+is the query and only reports created before it are searched. Reports in no pair are queried too, to
+measure how often "duplicate" is said where there is none. Queries are split in time: the first half
+(development) is what thresholds are calibrated on, the second half (test) is only measured.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import requests
+
+DATE_FORMATS = ("%d/%b/%y %H:%M", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
+
+
+def _parse_time(value: str) -> datetime:
+    for fmt in DATE_FORMATS:
+        try:
+            d = datetime.strptime(value.strip(), fmt)
+            return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+    raise ValueError(f"unrecognised date {value!r}")
+
+
+@dataclass
+class Dataset:
+    tickets: list[dict[str, Any]]                     # API shape, oldest first
+    queries: list[tuple[str, set[str]]]               # (later report's key, earlier duplicates' keys)
+    negatives: list[str]                              # keys of reports with no duplicate at all
+    by_key: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_dataset(issues_csv: Path, pairs_csv: Path, *, prefix: str = "GB") -> Dataset:
+    """Read the gitbugs CSV format (Summary, Issue id, Status, Priority, Resolution, Created, ..., Description)."""
+    tickets: list[dict[str, Any]] = []
+    with open(issues_csv, newline="", encoding="utf-8", errors="replace") as f:
+        for row in csv.DictReader(f):
+            created = _parse_time(row["Created"])
+            tickets.append({"key": f"{prefix}-{row['Issue id'].strip()}", "summary": row["Summary"] or "(no summary)",
+                            "description": row.get("Description") or "", "created": created.isoformat(),
+                            "status": row.get("Status") or None, "resolution": row.get("Resolution") or None,
+                            "priority": row.get("Priority") or None, "_t": created})
+    tickets.sort(key=lambda t: t["_t"])
+    by_key = {t["key"]: t for t in tickets}
+    links: dict[str, set[str]] = defaultdict(set)
+    with open(pairs_csv, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        for row in reader:
+            if len(row) < 2:
+                continue
+            a = f"{prefix}-{row[0].strip()}"
+            # a cell may list several ids ("13547000, 13396667")
+            for b_id in re.split(r"[,\s]+", row[1].strip()):
+                b = f"{prefix}-{b_id}"
+                if b_id and a in by_key and b in by_key:
+                    links[a].add(b)
+                    links[b].add(a)
+    queries = []
+    for a, others in links.items():
+        earlier = {b for b in others if by_key[b]["_t"] < by_key[a]["_t"]}
+        if earlier:
+            queries.append((a, earlier))
+    queries.sort(key=lambda q: by_key[q[0]]["_t"])
+    # Reports with no duplicate; those resolved "Duplicate" may duplicate something outside the set.
+    negatives = [t["key"] for t in tickets[len(tickets) // 10:]
+                 if t["key"] not in links and (t["resolution"] or "").lower() != "duplicate"]
+    return Dataset(tickets, queries, negatives, by_key)
+
+
+@dataclass
+class QueryResult:
+    key: str
+    split: str
+    kind: str                 # "dup" or "neg"
+    rank: int | None          # rank of the first true duplicate (None: not in the list)
+    verdict: str
+    confidence: float
+    top_correct: bool
+    latency_ms: float
+
+
+def _api_ticket(t: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in t.items() if not k.startswith("_")}
+
+
+class Client:
+    """The dedupe HTTP API with a bearer token."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = self.session.post(self.base_url + path, json=body, timeout=300)
+        if r.status_code >= 400:
+            raise RuntimeError(f"POST {path} → {r.status_code}: {r.text[:500]}")
+        return r.json()  # type: ignore[no-any-return]
+
+    def delete(self, path: str) -> None:
+        self.session.delete(self.base_url + path, timeout=60)
+
+
+def index_dataset(client: Client, data: Dataset, project: str, *, batch: int = 64,
+                  progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Upsert every ticket (project-tagged so the evaluation never mixes with real tickets); time it."""
+    t0 = time.perf_counter()
+    embedded = 0
+    for i in range(0, len(data.tickets), batch):
+        chunk = [{**_api_ticket(t), "project": project} for t in data.tickets[i:i + batch]]
+        embedded += client.post("/v1/tickets", {"tickets": chunk})["embedded"]
+        if progress:
+            progress(len(chunk))
+    dt = time.perf_counter() - t0
+    return {"tickets": len(data.tickets), "embedded": embedded, "seconds": round(dt, 2),
+            "tickets_per_second": round(len(data.tickets) / dt, 1)}
+
+
+def run_queries(client: Client, data: Dataset, project: str, *, negatives: int | None = None,
+                progress: Callable[[int], None] | None = None) -> list[QueryResult]:
+    """Query every pair's later report (and the negatives) with only earlier reports eligible."""
+    half = len(data.queries) // 2
+    split_time = data.by_key[data.queries[half][0]]["_t"] if data.queries else None
+    jobs: list[tuple[str, str, set[str]]] = [(k, "dup", rel) for k, rel in data.queries]
+    negs = data.negatives
+    if negatives is not None and negatives < len(negs):
+        step = len(negs) / negatives  # an even spread over time, deterministic
+        negs = [negs[int(i * step)] for i in range(negatives)]
+    jobs += [(k, "neg", set()) for k in negs]
+    out: list[QueryResult] = []
+    for key, kind, rel in jobs:
+        t = data.by_key[key]
+        body = {"ticket": {**_api_ticket(t), "project": project}, "limit": 100, "created_before": t["created"],
+                "filters": {"project": [project]}}
+        t0 = time.perf_counter()
+        res = client.post("/v1/duplicates", body)
+        ms = (time.perf_counter() - t0) * 1000
+        keys = [c["key"] for c in res["candidates"]]
+        rank = next((i + 1 for i, k in enumerate(keys) if k in rel), None)
+        split = "dev" if split_time is None or t["_t"] < split_time else "test"
+        out.append(QueryResult(key, split, kind, rank, res["verdict"], float(res["confidence"]),
+                               bool(keys) and keys[0] in rel, ms))
+        if progress:
+            progress(1)
+    return out
+
+
+def ranking_metrics(results: Iterable[QueryResult]) -> dict[str, float]:
+    """Recall-rate@1/5/10 and MAP (one relevant report per query here, so AP = 1/rank)."""
+    rs = [r for r in results if r.kind == "dup"]
+    n = max(len(rs), 1)
+    m = {f"RR@{k}": round(sum(1 for r in rs if r.rank is not None and r.rank <= k) / n, 3) for k in (1, 5, 10)}
+    m["MAP"] = round(sum(1 / r.rank for r in rs if r.rank) / n, 3)
+    m["queries"] = len(rs)
+    return m
+
+
+def verdict_metrics(results: Iterable[QueryResult], duplicate: float | None = None,
+                    possible: float | None = None) -> dict[str, float]:
+    """Precision / recall of "duplicate" (a hit = the top candidate is a true duplicate) and false-duplicate rates.
+
+    With thresholds given, verdicts are recomputed from the confidences (for calibration); else the service's.
+    """
+    rs = list(results)
+
+    def said(r: QueryResult, level: str) -> bool:
+        if duplicate is None:
+            return r.verdict == "duplicate" if level == "duplicate" else r.verdict in ("duplicate", "possible")
+        return r.confidence >= (duplicate if level == "duplicate" else possible or duplicate)
+
+    dups = [r for r in rs if r.kind == "dup"]
+    negs = [r for r in rs if r.kind == "neg"]
+    out: dict[str, float] = {}
+    for level in ("duplicate", "possible"):
+        on_dups = [r for r in dups if said(r, level)]
+        correct = sum(r.top_correct for r in on_dups)
+        false_neg = sum(said(r, level) for r in negs)
+        name = "dup" if level == "duplicate" else "possible_or_dup"
+        out[f"{name}_precision_on_dup_queries"] = round(correct / len(on_dups), 3) if on_dups else float("nan")
+        out[f"{name}_recall"] = round(correct / max(len(dups), 1), 3)
+        out[f"{name}_false_rate_on_no_duplicate"] = round(false_neg / max(len(negs), 1), 4)
+        total_said = len(on_dups) + false_neg
+        out[f"{name}_precision_all_reports"] = round(correct / total_said, 3) if total_said else float("nan")
+    out["no_duplicate_reports"] = len(negs)
+    return out
+
+
+def calibrate(results: list[QueryResult], *, target_precision: float = 0.9,
+              max_false_rate: float = 0.01, possible_false_rate: float = 0.2) -> dict[str, float]:
+    """Thresholds from the development split only.
+
+    duplicate: the lowest confidence at which, on development queries, "duplicate" is right
+    >= target_precision of the time on duplicate queries *and* fires on <= max_false_rate of reports
+    with no duplicate. possible: the lowest confidence at which "possible or duplicate" fires on at
+    most possible_false_rate of the development reports that have no duplicate (most recall for that cost).
+    """
+    dev = [r for r in results if r.split == "dev"]
+    grid = sorted({round(r.confidence, 3) for r in dev} | {1.0})
+    dup_t = 1.0
+    for t in grid:
+        m = verdict_metrics(dev, t, t)
+        p = m["dup_precision_on_dup_queries"]
+        if p == p and p >= target_precision and m["dup_false_rate_on_no_duplicate"] <= max_false_rate:
+            dup_t = t
+            break
+    pos_t = dup_t
+    for t in grid:
+        if t <= dup_t and verdict_metrics(dev, dup_t, t)["possible_or_dup_false_rate_on_no_duplicate"] \
+                <= possible_false_rate:
+            pos_t = t
+            break
+    return {"duplicate": round(dup_t, 3), "possible": round(pos_t, 3)}
+
+
+def latency_summary(results: list[QueryResult]) -> dict[str, float]:
+    lat = sorted(r.latency_ms for r in results)
+    if not lat:
+        return {}
+    return {"p50_ms": round(statistics.median(lat), 1), "p95_ms": round(lat[int(0.95 * (len(lat) - 1))], 1),
+            "n": len(lat)}
+
+
+def report(index_stats: dict[str, float], results: list[QueryResult],
+           calibrated: dict[str, float] | None = None) -> dict[str, Any]:
+    """Everything the command prints, as one JSON-able dict."""
+    out: dict[str, Any] = {"indexing": index_stats, "latency": latency_summary(results), "ranking": {},
+                           "verdict": {}, "results": [r.__dict__ for r in results]}
+    for split in ("all", "dev", "test"):
+        rs = [r for r in results if split == "all" or r.split == split]
+        out["ranking"][split] = ranking_metrics(rs)
+        out["verdict"][split] = verdict_metrics(rs)
+    if calibrated is not None:
+        out["calibrated_on_dev"] = calibrated
+        out["verdict_with_calibrated"] = {s: verdict_metrics([r for r in results if s == "all" or r.split == s],
+                                                             calibrated["duplicate"], calibrated["possible"])
+                                          for s in ("dev", "test")}
+    return out
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    """The ranking table and the key figures as Markdown."""
+    lines = ["| split | queries | RR@1 | RR@5 | RR@10 | MAP |", "|---|---|---|---|---|---|"]
+    for split, m in rep["ranking"].items():
+        lines.append(f"| {split} | {m['queries']} | {m['RR@1']:.3f} | {m['RR@5']:.3f} | {m['RR@10']:.3f} | {m['MAP']:.3f} |")
+    lines.append("")
+    lines.append("| split | dup precision (dup queries) | dup recall | false dup on no-dup reports | "
+                 "dup precision (all reports) | possible+dup recall |")
+    lines.append("|---|---|---|---|---|---|")
+    for split, m in rep["verdict"].items():
+        lines.append(f"| {split} | {m['dup_precision_on_dup_queries']} | {m['dup_recall']} | "
+                     f"{m['dup_false_rate_on_no_duplicate']} | {m['dup_precision_all_reports']} | "
+                     f"{m['possible_or_dup_recall']} |")
+    lines.append("")
+    ix, lat = rep["indexing"], rep["latency"]
+    lines.append(f"indexing: {ix['tickets']} tickets in {ix['seconds']} s = {ix['tickets_per_second']} tickets/s "
+                 f"over HTTP; query latency p50 {lat.get('p50_ms')} ms, p95 {lat.get('p95_ms')} ms (n={lat.get('n')})")
+    if "calibrated_on_dev" in rep:
+        lines.append(f"thresholds calibrated on the development split: {rep['calibrated_on_dev']}")
+    return "\n".join(lines)
