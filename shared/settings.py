@@ -103,7 +103,8 @@ class Settings:
             dedupe_url=env.get("METIS_DEDUPE_URL", "http://127.0.0.1:8102").rstrip("/"),
             config_dir=env.get("METIS_CONFIG_DIR", "config"),
             log_level=level,
-            extra={k: v for k, v in env.items() if k.startswith("METIS_") and "TOKEN" not in k and "KEY" not in k},
+            extra={k: v for k, v in env.items() if k.startswith("METIS_")
+                   and not any(s in k for s in ("TOKEN", "KEY", "SECRET", "PASSWORD"))},
         )
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
