@@ -1,11 +1,12 @@
-# One command runs Metis (make up), one passes its tests (make test).
+# One command runs Metis (make up), one passes its tests (make test); make down stops what make up started.
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: up down test venv n8n status lint clean
+.PHONY: up down status test venv n8n lint clean
 
+# The venv is rebuilt whenever pyproject.toml changes (the stamp carries its hash).
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
@@ -13,17 +14,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# n8n and its Node runtime live in a cache outside the clone ($$METIS_CACHE, default ~/.cache/metis), keyed by version.
 n8n:
 	@bash scripts/install-n8n.sh >/dev/null
 
 up: venv n8n
-	$(VENV)/bin/python -m devstack up
+	@$(VENV)/bin/python -m devstack up
 
 down:
-	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python -m devstack down; else echo "nothing to stop"; fi
+	@if [ -x $(VENV)/bin/python ]; then $(VENV)/bin/python -m devstack down; else echo "Nothing was running."; fi
 
 status: venv
-	$(VENV)/bin/metis status
+	@$(VENV)/bin/python -m devstack status
 
 test: venv n8n
 	bash scripts/test.sh

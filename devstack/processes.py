@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import requests
 
@@ -45,6 +45,18 @@ class Proc:
         except subprocess.TimeoutExpired:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(5)
+        try:  # children that outlived their leader (a runner, a stuck worker) go too
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self) -> None:
+        """SIGTERM the process group without waiting (see stop_all)."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -83,15 +95,57 @@ def wait_http(proc: Proc, path: str = "/healthz", *, timeout: float = 60.0, expe
     raise TimeoutError(f"{proc.name} not ready at {proc.url}{path} after {timeout}s ({last}):\n{proc.log_tail()}")
 
 
-def start_service(service: str, *, env: Mapping[str, str], port: int, log_dir: Path, workers: int = 2,
-                  timeout: float = 60.0) -> Proc:
-    """Run a Metis service under gunicorn (multiprocess metrics on) and wait for /healthz."""
+def spawn_service(service: str, *, env: Mapping[str, str], port: int, log_dir: Path, workers: int = 2,
+                  host: str = "127.0.0.1", name: str | None = None) -> Proc:
+    """Start a Metis service under gunicorn (multiprocess metrics on) without waiting for it."""
     run_env = dict(env)
-    run_env.update({"METIS_BIND": f"127.0.0.1:{port}", "METIS_WORKERS": str(workers),
+    run_env.update({"METIS_BIND": f"{host}:{port}", "METIS_WORKERS": str(workers),
                     "PROMETHEUS_MULTIPROC_DIR": str(log_dir / f"prom-{service}-{port}"),
                     "PYTHONUNBUFFERED": "1"})
     argv = [str(VENV_BIN / "gunicorn"), "-c", str(ROOT / "shared" / "gunicorn_conf.py"),
             f"services.{service}.app:create_app()"]
-    proc = spawn(f"{service}-{port}", argv, env=run_env, url=f"http://127.0.0.1:{port}", log_dir=log_dir)
-    wait_http(proc, "/healthz", timeout=timeout)
+    return spawn(name or f"{service}-{port}", argv, env=run_env, url=f"http://127.0.0.1:{port}", log_dir=log_dir)
+
+
+def start_service(service: str, *, env: Mapping[str, str], port: int, log_dir: Path, workers: int = 2,
+                  timeout: float = 60.0) -> Proc:
+    """Run a Metis service under gunicorn (multiprocess metrics on) and wait for /healthz."""
+    proc = spawn_service(service, env=env, port=port, log_dir=log_dir, workers=workers)
+    try:
+        wait_http(proc, "/healthz", timeout=timeout)
+    except BaseException:
+        proc.stop()
+        raise
     return proc
+
+
+def start_services(envs: Mapping[str, Mapping[str, str]], ports: Mapping[str, int], *, log_dir: Path,
+                   workers: int = 2, timeout: float = 90.0) -> dict[str, Proc]:
+    """Start several services at once (they boot in parallel), wait for each; stop all if one fails."""
+    procs: dict[str, Proc] = {}
+    try:
+        for service, env in envs.items():
+            procs[service] = spawn_service(service, env=env, port=ports[service], log_dir=log_dir,
+                                           workers=workers, name=service)
+        for proc in procs.values():
+            wait_http(proc, "/healthz", timeout=timeout)
+    except BaseException:
+        stop_all(procs.values())
+        raise
+    return procs
+
+
+def stop_all(procs: Iterable[Proc], timeout: float = 10.0) -> None:
+    """Stop several processes at once: SIGTERM every group first, then wait for (or kill) each."""
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.stop(timeout)
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True if something accepts connections on host:port."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
