@@ -1,0 +1,77 @@
+"""The triage webhook flow in real n8n: Jira emulator → signed webhook → n8n → triage intake → run → triage."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n")]
+
+HOOK = "metis-triage-jira"
+WORKFLOW = "metisTriageJira01"
+
+
+def _runs(services: Any, external_id: str) -> list[dict[str, Any]]:
+    r = services.get("guardrails", "/v1/runs?task=triage&limit=1000", caller="ops")
+    return [x for x in r.json() if x["external_id"] == external_id]
+
+
+def _intake(database_url: str) -> list[tuple[str, str | None, str | None]]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT outcome, reason, issue_key FROM triage.intake ORDER BY id").fetchall()
+
+
+def _results(database_url: str) -> list[tuple[str, str]]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT ticket_key, run_id FROM triage.results ORDER BY id").fetchall()
+
+
+def _wait(predicate: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_forged_webhook_is_rejected_and_nothing_runs(stack, emu) -> None:
+    n8n, services = stack.n8n, stack.services
+    emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"], secret="not-the-secret-x")
+    key = emu.jira_seed([{"project": "SUP", "summary": "Kiosk clock-in late", "issuetype": "Bug"}],
+                        fire_webhooks=True)[0]
+    # Jira retries a refused delivery; wait until it gives up so that nothing arrives after this test.
+    deliveries = _wait(lambda: [d for d in emu.jira_state()["deliveries"] if d["status"] == "failed"])
+    assert [a["status"] for a in deliveries[0]["attempts"]] == [401, 401, 401]
+    rows = _intake(services.database_url)
+    assert rows == [("rejected", "invalid_signature", None)] * 3
+    assert _results(services.database_url) == []
+    issue_id = emu.jira_state()["issues"][key]["id"]
+    assert _runs(services, f"jira-issue:{issue_id}") == []
+
+
+def test_signed_webhook_opens_one_run_and_triages_once_even_when_redelivered(stack, emu) -> None:
+    n8n, services = stack.n8n, stack.services
+    emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"])
+    key = emu.jira_seed([{"project": "SUP", "summary": "Annual leave balance negative after accrual run",
+                          "description": "30 employees show negative balances since last night.",
+                          "issuetype": "Bug"}], fire_webhooks=True)[0]
+    issue_id = emu.jira_state()["issues"][key]["id"]
+    runs = _wait(lambda: _runs(services, f"jira-issue:{issue_id}"))
+    assert len(runs) == 1
+    _wait(lambda: _results(services.database_url))
+    emu._post(emu.jira_url + "/_emulator/jira/webhooks/redeliver", {})
+    _wait(lambda: [r for r in _intake(services.database_url) if r[0] == "duplicate"])
+    assert [r[0] for r in _intake(services.database_url)] == ["accepted", "duplicate"]
+    delivered = emu.jira_state()["deliveries"]
+    assert [a["status"] for d in delivered for a in d["attempts"]] == [202, 200]
+    assert [r[0] for r in _results(services.database_url)] == [key]
+    assert len(_runs(services, f"jira-issue:{issue_id}")) == 1
+    with psycopg.connect(services.database_url) as conn:
+        response = conn.execute("SELECT response FROM triage.results").fetchone()[0]  # type: ignore[index]
+    assert response["run_id"] == runs[0]["id"] and response["ticket_key"] == key
+    assert response["mode"] == "offline"
