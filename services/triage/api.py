@@ -8,6 +8,8 @@ from typing import Any
 from flask import request
 
 from shared.api import Api
+from shared.connectors.http import ConnectorError
+from shared.connectors.jira import JiraClient
 from shared.db import transaction
 from shared.errors import MetisError, Unavailable
 from shared.web import ctx
@@ -15,8 +17,8 @@ from shared.web import ctx
 from . import repository as repo
 from . import service
 from .clients import DedupeClient, GuardrailsClient, GuardrailsError
-from .schemas import (IntakeQuery, IntakeRead, IntakeRecordRead, PollCreate, PollRead, TriageCreate,
-                      TriageRead)
+from .schemas import (IntakeQuery, IntakeRead, IntakeRecordRead, JiraPollCreate, PollCreate, PollRead,
+                      TriageCreate, TriageRead)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class TriageEngine:
     dedupe: DedupeClient
     webhook_secret: str | None
     claim_lease_seconds: int
+    jira: JiraClient | None = None
 
 
 def engine() -> TriageEngine:
@@ -107,13 +110,42 @@ def intake_webhook() -> dict[str, Any]:
     return _claim("webhook", issue, delivery=delivery, event=event)
 
 
+POLL_FIELDS = ("summary", "description", "issuetype", "project", "priority", "components", "labels", "created")
+
+
+@api.route("/v1/intake/jira-poll", methods=["POST"], body=JiraPollCreate, response=PollRead, callers=CALLERS)
+def intake_jira_poll(body: dict[str, Any]) -> dict[str, Any]:
+    """The polling twin: JQL for recently created tickets (read-only), each accepted once like a webhook."""
+    eng = engine()
+    if eng.jira is None:
+        raise Unavailable("Jira polling is not configured (METIS_JIRA_URL, METIS_JIRA_EMAIL, METIS_JIRA_API_TOKEN)",
+                          code="jira_not_configured")
+    cfg = eng.deps.cfg
+    limit = body["max_issues"] or cfg.poll_max_issues
+    issues: list[dict[str, Any]] = []
+    try:
+        for issue, _ in eng.jira.search(body["jql"] or cfg.poll_jql, fields=POLL_FIELDS, page_size=min(100, limit)):
+            issues.append(issue)
+            if len(issues) >= limit:
+                break
+    except ConnectorError as exc:
+        if exc.status == 400:
+            raise MetisError(f"Jira rejected the JQL: {exc}", code="invalid_jql", status=400) from exc
+        raise Unavailable(f"Jira search failed: {exc}", code="jira_unavailable") from exc
+    return _accept_issues(issues)
+
+
 @api.route("/v1/intake/poll", methods=["POST"], body=PollCreate, response=PollRead, callers=CALLERS)
 def intake_poll(body: dict[str, Any]) -> dict[str, Any]:
-    """Issues found by the JQL polling twin: each is accepted once, whoever (webhook or poll) saw it first."""
+    """Issues found by a JQL search elsewhere: each is accepted once, whoever (webhook or poll) saw it first."""
+    return _accept_issues(body["issues"])
+
+
+def _accept_issues(issues: list[dict[str, Any]]) -> dict[str, Any]:
     accepted: list[dict[str, Any]] = []
     duplicates: list[str] = []
     rejected: list[dict[str, Any]] = []
-    for issue in body["issues"]:
+    for issue in issues:
         key = issue.get("key")
         if not isinstance(key, str) or not service.JIRA_KEY.match(key) or not isinstance(issue.get("fields"), dict):
             with transaction(ctx().pool) as conn:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from flask import Flask
 
+from shared.connectors.jira import JiraClient
 from shared.settings import Settings
 from shared.web import create_service_app
 
@@ -18,7 +19,8 @@ from .prompt import build_prefix, build_tool
 _TRUE = {"1", "true", "yes", "on"}
 
 
-def build_engine(settings: Settings, *, llm_enabled: bool | None = None, webhook_secret: str | None = None) -> TriageEngine:
+def build_engine(settings: Settings, *, llm_enabled: bool | None = None, webhook_secret: str | None = None,
+                 jira_api_token: str | None = None) -> TriageEngine:
     """Load and validate the configuration and build the clients (fails fast with every config error)."""
     config_dir = Path(settings.config_dir)
     taxonomy = load_taxonomy(config_dir / "taxonomy.yaml")
@@ -39,17 +41,22 @@ def build_engine(settings: Settings, *, llm_enabled: bool | None = None, webhook
         duplicates=lambda t: dedupe.duplicates(t, cfg.duplicate_limit),
         llm=guardrails.messages_create if llm_enabled else None)
     lease = int(settings.extra.get("METIS_TRIAGE_CLAIM_LEASE_SECONDS", "900"))
+    jira_url, jira_email = settings.extra.get("METIS_JIRA_URL"), settings.extra.get("METIS_JIRA_EMAIL")
+    jira_token = jira_api_token if jira_api_token is not None else os.environ.get("METIS_JIRA_API_TOKEN")
+    # Read-only use: the polling twin's JQL search. Without credentials polling answers 503, webhooks still work.
+    jira = JiraClient(jira_url, jira_email, jira_token) if jira_url and jira_email and jira_token else None
     return TriageEngine(deps=deps, guardrails=guardrails, dedupe=dedupe,
                         webhook_secret=webhook_secret if webhook_secret is not None
                         else os.environ.get("METIS_JIRA_WEBHOOK_SECRET") or None,
-                        claim_lease_seconds=lease)
+                        claim_lease_seconds=lease, jira=jira)
 
 
 def create_app(settings: Settings | None = None, *, llm_enabled: bool | None = None,
-               webhook_secret: str | None = None) -> Flask:
+               webhook_secret: str | None = None, jira_api_token: str | None = None) -> Flask:
     """Build the triage app from explicit settings, else from the environment."""
     settings = settings or Settings.from_env("triage")
-    eng = build_engine(settings, llm_enabled=llm_enabled, webhook_secret=webhook_secret)
+    eng = build_engine(settings, llm_enabled=llm_enabled, webhook_secret=webhook_secret,
+                       jira_api_token=jira_api_token)
     app = create_service_app(settings, apis=[api])
     app.extensions["metis"].state["triage"] = eng
     return app

@@ -98,6 +98,8 @@ class TriageConfig:
     conflict_min_weight: float
     min_confidence: float
     offline_agreement_min_confidence: float
+    poll_jql: str
+    poll_max_issues: int
     llm_model: str | None
     llm_max_tokens: int
     llm_cache_ttl: str
@@ -273,6 +275,8 @@ def load_triage_config(path: str | Path, taxonomy: Taxonomy) -> TriageConfig:
         min_confidence=g(doc, "escalation.min_confidence", float, minimum=0.0, maximum=1.0),
         offline_agreement_min_confidence=g(doc, "escalation.offline_agreement_min_confidence", float,
                                            minimum=0.0, maximum=1.0),
+        poll_jql=g(doc, "polling.jql", str),
+        poll_max_issues=g(doc, "polling.max_issues", int, minimum=1, maximum=1000),
         llm_model=model,
         llm_max_tokens=g(doc, "llm.max_tokens", int, minimum=100, maximum=8192),
         llm_cache_ttl=g(doc, "llm.cache_ttl", str),

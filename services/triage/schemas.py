@@ -132,6 +132,13 @@ class PollCreate(Schema):
     issues = fields.List(fields.Dict(), required=True, validate=validate.Length(max=500))
 
 
+class JiraPollCreate(Schema):
+    """`POST /v1/intake/jira-poll` body: optional JQL / limit overrides of config/triage.yaml's polling."""
+
+    jql = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1, max=2000))
+    max_issues = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 1000))
+
+
 class IntakeRead(Schema):
     outcome = fields.String(metadata={"description": "accepted, duplicate or rejected"})
     issue_key = fields.String(allow_none=True)
