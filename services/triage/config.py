@@ -137,9 +137,9 @@ class _Reader:
         if not isinstance(cur, kind) or (isinstance(cur, bool) and kind in (int, float)):
             self.problems.append(f"{path}: expected {getattr(kind, '__name__', kind)}, got {type(cur).__name__}")
             return None
-        if minimum is not None and cur < minimum:
+        if minimum is not None and isinstance(cur, (int, float)) and cur < minimum:
             self.problems.append(f"{path}: must be >= {minimum}, got {cur}")
-        if maximum is not None and cur > maximum:
+        if maximum is not None and isinstance(cur, (int, float)) and cur > maximum:
             self.problems.append(f"{path}: must be <= {maximum}, got {cur}")
         return cur
 

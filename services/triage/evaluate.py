@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import requests
+from urllib.parse import quote
 
 from .config import Taxonomy, TriageConfig
 from .service import Evidence, classify_offline, evidence_from_similar, normalize_ticket, vote
@@ -182,7 +183,7 @@ class DedupeHttp:
 
     def delete(self, key: str) -> None:
         """DELETE /v1/tickets/{key}."""
-        r = self.session.delete(f"{self.base}/v1/tickets/{requests.utils.quote(key, safe='')}", timeout=self.timeout)
+        r = self.session.delete(f"{self.base}/v1/tickets/{quote(key, safe='')}", timeout=self.timeout)
         if r.status_code not in (204, 404):
             raise RuntimeError(f"dedupe DELETE {key}: HTTP {r.status_code}")
 

@@ -40,7 +40,7 @@ def record_intake(conn: psycopg.Connection[Any], *, source: str, outcome: str, d
         "INSERT INTO triage.intake (source, delivery_id, event, issue_key, issue_id, outcome, reason) "
         "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
         (source, delivery_id, event, issue_key, issue_id, outcome, reason)).fetchone()
-    return int(row["id"])  # type: ignore[index, call-overload]
+    return int(row["id"])  # type: ignore[index]
 
 
 def claim_ticket(conn: psycopg.Connection[Any], *, issue_key: str, issue_id: str | None, source: str,
@@ -77,4 +77,4 @@ def list_intake(conn: psycopg.Connection[Any], *, outcome: str | None, limit: in
 def count_results(conn: psycopg.Connection[Any]) -> int:
     """How many triages are stored."""
     row = conn.execute("SELECT count(*) AS n FROM triage.results").fetchone()
-    return int(row["n"])  # type: ignore[index, call-overload]
+    return int(row["n"])  # type: ignore[index]

@@ -9,7 +9,7 @@ from marshmallow import Schema, ValidationError, fields, validate, validates
 from .service import JIRA_KEY
 
 
-class TextOrAdf(fields.Field):
+class TextOrAdf(fields.Field):  # type: ignore[type-arg]
     """A description given as plain text (webhooks carry wiki-markup strings) or as an ADF document (REST v3)."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:

@@ -198,7 +198,7 @@ def vote(ballots: Sequence[tuple[str, float, str]], allowed: Sequence[str], cfg:
 
 def neighbour_weight(score: float, cfg: TriageConfig) -> float:
     """How much one neighbour's vote counts."""
-    return max(score, 0.0) ** cfg.score_power
+    return float(max(score, 0.0) ** cfg.score_power)
 
 
 def _match(value: str | None, allowed: Sequence[str]) -> str | None:
@@ -397,7 +397,7 @@ def classify_with_llm(*, create: MessagesCreate, model: str, prefix: str, tool: 
     similar = [{"key": e.key, "score": e.score, "summary": e.summary, "resolution": e.resolution,
                 "category": e.category, "priority": e.priority,
                 "component": e.components[0] if e.components else None, "url": e.url} for e in evidence]
-    user = build_user_message(ticket.for_prompt(), similar, list(duplicates), cfg)
+    user = build_user_message(ticket.for_prompt(), similar, [dict(d) for d in duplicates], cfg)
     request = build_request(model=model, prefix=prefix, tool=tool, user_message=user, cfg=cfg)
     usage = Usage()
     started = time.monotonic()
