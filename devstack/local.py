@@ -7,8 +7,10 @@ stops exactly what `up` started, and nothing else.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +20,16 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+import psycopg
 import requests
+from psycopg import sql
 
 from shared.settings import SERVICE_PORTS, Secret
 
 from . import demo, n8n, postgres, tokens
 from .processes import ROOT, VENV_BIN, Proc, port_in_use, spawn, start_services
-from .stack import (ANTHROPIC_API_URL, SERVICES, Externals, externals_from_emulators, service_env, service_urls,
-                    workflow_env)
+from .stack import (ANTHROPIC_API_URL, SERVICES, externals_from_emulators, n8n_webhook_env, service_env,
+                    service_urls, workflow_env)
 
 RUN = Path(os.environ.get("METIS_RUN_DIR", str(ROOT / ".run")))
 PIDS = RUN / "pids"
@@ -185,6 +189,33 @@ def _migrate(database_url: str, base: Mapping[str, str]) -> None:
         raise UpError(f"metis migrate failed:\n{r.stdout}{r.stderr}")
 
 
+def _n8n_database_for_key(server: postgres.Server, key: str) -> None:
+    """n8n's database and user folder are bound to its encryption key (credentials and n8n's data keys
+    are encrypted with it). The database carries a fingerprint of the key; if .run/tokens.env was
+    regenerated, or another clone used this server, n8n starts afresh: workflows come back from
+    n8n/workflows/ and credentials from the tokens, only execution history is lost."""
+    mark = "metis n8n, key " + hashlib.sha256(f"metis-n8n:{key}".encode()).hexdigest()[:16]
+    with psycopg.connect(server.admin_url, autocommit=True) as conn:
+        row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                           (N8N_DB_NAME,)).fetchone()
+        if row is not None and row[0] != mark:
+            print(f"n8n's database {N8N_DB_NAME} belongs to another encryption key (new .run/tokens.env or another "
+                  "clone): recreating it; workflows and credentials are imported again, execution history is dropped.",
+                  flush=True)
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(N8N_DB_NAME)))
+            row = None
+        if row is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(N8N_DB_NAME)))
+            conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(N8N_DB_NAME), sql.Literal(mark)))
+    settings = RUN / "n8n" / ".n8n" / "config"
+    try:
+        stale = json.loads(settings.read_text()).get("encryptionKey") != key
+    except (OSError, ValueError):
+        stale = settings.exists()
+    if stale:
+        shutil.rmtree(RUN / "n8n")
+
+
 def tokens_free(base: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in base.items() if not k.startswith(("METIS_TOKEN_", "ANTHROPIC_"))}
 
@@ -213,7 +244,7 @@ def up(env: Mapping[str, str] | None = None) -> int:
     if server.source == "private":
         (RUN / "pg" / "STARTED_BY_UP").write_text("1")
     postgres.ensure_database(server.admin_url, urlsplit(server.database_url).path.lstrip("/"))
-    postgres.ensure_database(server.admin_url, N8N_DB_NAME)
+    _n8n_database_for_key(server, secrets_["N8N_ENCRYPTION_KEY"])
     _migrate(server.database_url, env)
 
     started: list[Proc] = []
@@ -236,24 +267,29 @@ def up(env: Mapping[str, str] | None = None) -> int:
         caller_tokens = {k[len("METIS_TOKEN_"):].lower(): Secret(v) for k, v in secrets_.items()
                          if k.startswith("METIS_TOKEN_")}
         urls = service_urls(ports.services)
-        envs = {s: service_env(s, base=env, database_url=server.database_url, tokens=caller_tokens, urls=urls,
-                               externals=externals, config_dir=str(ROOT / "config")) for s in SERVICES}
+        files = n8n.workflow_files()
+        n8n_url = f"http://127.0.0.1:{ports.n8n}"
+        envs = {s: {**service_env(s, base=env, database_url=server.database_url, tokens=caller_tokens, urls=urls,
+                                  externals=externals, config_dir=str(ROOT / "config")),
+                    **n8n_webhook_env(s, n8n_url, n8n.webhook_paths(files))} for s in SERVICES}
         svc = start_services(envs, ports.services, log_dir=LOGS, workers=int(env.get("METIS_WORKERS", "2")))
         for proc in svc.values():
             started.append(proc)
             write_pidfile(proc)
 
-        step("n8n (import, publish, start)")
+        step(f"n8n import + publish ({len(files)} workflows)")
         inst = n8n.install()
         cfg = n8n.N8nConfig(
             database_url=server.url(N8N_DB_NAME), port=ports.n8n, broker_port=ports.n8n_broker,
             user_folder=RUN / "n8n", log_dir=LOGS, encryption_key=Secret(secrets_["N8N_ENCRYPTION_KEY"]),
-            n8n_token=caller_tokens["n8n"], workflow_env=workflow_env(urls, externals),
+            n8n_token=caller_tokens["n8n"], workflow_env=workflow_env(urls, externals, env),
             owner_email=secrets_["N8N_OWNER_EMAIL"], owner_password=Secret(secrets_["N8N_OWNER_PASSWORD"]),
             smtp={"host": externals.public.get("METIS_SMTP_HOST", ""),
                   "port": externals.public.get("METIS_SMTP_PORT", "0")} if "METIS_SMTP_HOST" in externals.public else None)
-        files = n8n.workflow_files()
-        n8n_env = n8n.prepare(inst, cfg, files)
+        n8n_env, imported = n8n.prepare_once(inst, cfg, files)
+        if not imported:
+            print("    workflows and credentials unchanged since the last import: skipped", flush=True)
+        step("n8n start (until production webhooks answer)")
         n8n_proc = n8n.start(inst, n8n_env, cfg, name="n8n")
         started.append(n8n_proc)
         write_pidfile(n8n_proc)
@@ -269,14 +305,15 @@ def up(env: Mapping[str, str] | None = None) -> int:
             path.unlink()
         raise
 
+    step("")
     state = {
         "services": {s: urls[f"METIS_{s.upper()}_URL"] for s in SERVICES},
-        "n8n": cfg.url, "owner_email": cfg.owner_email, "workflows": [f.name for f in files],
+        "n8n": cfg.url, "owner_email": cfg.owner_email, "workflows": [f.path.stem for f in files],
         "emulators": {k: v for k, v in emu_urls.items() if k != "pid"},
         "database": _redact(server.database_url), "database_source": server.source,
         "offline": externals.offline, "anthropic_url": externals.public["METIS_ANTHROPIC_URL"],
         "tokens": str(TOKENS), "logs": str(LOGS), "demo": loaded,
-        "seconds": round(time.monotonic() - t0, 1),
+        "seconds": round(time.monotonic() - t0, 1), "step_seconds": dict(STEP_TIMES),
     }
     STATE.write_text(json.dumps(state, indent=2))
     print()
@@ -291,8 +328,20 @@ def _redact(url: str) -> str:
     return url
 
 
+_CURRENT: list[tuple[str, float]] = []  # the stage `up` is in and when it began
+STEP_TIMES: dict[str, float] = {}
+
+
 def step(what: str) -> None:
-    print(f"==> {what}", flush=True)
+    """Announce a stage of `up` and note how long the previous one took."""
+    now = time.monotonic()
+    if _CURRENT:
+        name, began = _CURRENT.pop()
+        STEP_TIMES[name] = round(now - began, 1)
+    if what:
+        _CURRENT.append((what, now))
+    if what:
+        print(f"==> {what}", flush=True)
 
 
 def print_summary(state: Mapping[str, Any]) -> None:
@@ -303,7 +352,8 @@ def print_summary(state: Mapping[str, Any]) -> None:
     lines.append(f"  n8n editor      {state['n8n']}/   login {state['owner_email']} "
                  f"(password: N8N_OWNER_PASSWORD in {state['tokens']})")
     lines.append(f"  n8n metrics     {state['n8n']}/metrics")
-    lines.append(f"  workflows       {', '.join(state['workflows'])}")
+    lines.append(f"  workflows       {len(state['workflows'])} published from n8n/workflows/: "
+                 f"{', '.join(state['workflows'])}")
     for name, url in state["services"].items():
         lines.append(f"  {name:<15} {url}   ({url}/metrics, {url}/openapi.json, {url}/readyz)")
     emus = state["emulators"]
@@ -320,6 +370,9 @@ def print_summary(state: Mapping[str, Any]) -> None:
               f"  logs            {state['logs']}/",
               f"  demo data       {'; '.join(state['demo'])}",
               "", "Stop everything with `make down`."]
+    if state.get("step_seconds"):
+        took = ", ".join(f"{k.split(' (')[0]} {v}s" for k, v in state["step_seconds"].items())
+        lines.insert(-2, f"  started in      {state['seconds']}s ({took})")
     print("\n".join(lines), flush=True)
 
 

@@ -132,6 +132,12 @@ def workflow_files(directory: Path = WORKFLOWS_DIR) -> list[WorkflowFile]:
     return found
 
 
+def webhook_paths(files: Sequence[WorkflowFile]) -> set[str]:
+    """The production webhook paths the workflows listen on."""
+    return {str(node["parameters"]["path"]) for f in files for node in f.data["nodes"]
+            if node.get("type") == "n8n-nodes-base.webhook" and node.get("parameters", {}).get("path")}
+
+
 def workflows_digest(files: Sequence[WorkflowFile], version: str) -> str:
     """A short hash of the workflow files and the n8n version: the key of a reusable template database."""
     h = hashlib.sha256(f"{_TEMPLATE_RECIPE}\0{version}\0".encode())
@@ -430,6 +436,34 @@ def clone_database(admin_url: str, template: str, name: str, attempts: int = 20)
     raise N8nError(f"template {template} stayed busy; could not create {name}")
 
 
+def mark_created(admin_url: str, name: str) -> None:
+    """Stamp a per-session database with its creation time, so an abandoned one can be swept later."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            sql.Identifier(name), sql.Literal(f"metis session database, created {int(time.time())}")))
+
+
+def sweep_abandoned(admin_url: str, prefix: str, max_age: float = 3600) -> list[str]:
+    """Drop per-session databases nobody is connected to that are older than max_age (a killed test
+    session cannot clean up after itself); returns what was dropped."""
+    dropped: list[str] = []
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT d.datname, shobj_description(d.oid, 'pg_database') FROM pg_database d "
+            "WHERE d.datname LIKE %s AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)",
+            (prefix.replace("_", r"\_") + "%",)).fetchall()
+        for name, comment in rows:
+            m = re.fullmatch(r"metis session database, created (\d+)", comment or "")
+            if not m or time.time() - int(m.group(1)) < max_age:
+                continue
+            try:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+                dropped.append(name)
+            except psycopg.errors.ObjectInUse:
+                continue
+    return dropped
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -501,6 +535,48 @@ def prepare(inst: N8nInstall, cfg: N8nConfig, files: Sequence[WorkflowFile]) -> 
             fut.result()
     publish_workflows(inst, env, [f.id for f in files])
     return env
+
+
+def published_versions(database_url: str, ids: Sequence[str]) -> dict[str, str]:
+    """id -> published version of each workflow that is active with its current version."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute('SELECT id, "versionId" FROM workflow_entity WHERE id = ANY(%s) AND active '
+                            'AND "activeVersionId" = "versionId"', (list(ids),)).fetchall()
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+def _stamp(cfg: N8nConfig, inst: N8nInstall, files: Sequence[WorkflowFile]) -> dict[str, str]:
+    creds = json.dumps(credentials(cfg), sort_keys=True)
+    return {"workflows": workflows_digest(files, inst.version),
+            "credentials": hashlib.sha256(creds.encode()).hexdigest()[:16]}
+
+
+def prepare_once(inst: N8nInstall, cfg: N8nConfig, files: Sequence[WorkflowFile]) -> tuple[dict[str, str], bool]:
+    """prepare(), skipped when this database already holds exactly these workflow files (each still
+    published at the version imported last time, i.e. not edited in the editor since) and these
+    credentials. Returns the env and whether anything was imported."""
+    stamp_file = cfg.user_folder / "imported.json"
+    stamp = _stamp(cfg, inst, files)
+    try:
+        previous = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("stamp") == stamp:
+        cfg.user_folder.mkdir(parents=True, exist_ok=True)
+        env = base_env(cfg, inst)
+        try:
+            current = published_versions(cfg.database_url, [f.id for f in files])
+        except psycopg.Error:
+            current = {}
+        if current and current == previous.get("versions"):
+            return env, False
+    env = prepare(inst, cfg, files)
+    versions = published_versions(cfg.database_url, [f.id for f in files])
+    missing = {f.id for f in files} - set(versions)
+    if missing:
+        raise N8nError(f"workflows not published after import: {sorted(missing)}")
+    stamp_file.write_text(json.dumps({"stamp": stamp, "versions": versions}))
+    return env, True
 
 
 def executions(database_url: str, workflow_id: str | None = None) -> list[dict[str, Any]]:

@@ -101,12 +101,30 @@ def service_env(service: str, *, base: Mapping[str, str], database_url: str, tok
     return env
 
 
-def workflow_env(urls: Mapping[str, str], externals: Externals) -> dict[str, str]:
-    """What n8n workflows may read with $env: service and outside-system URLs, never a token or key.
+# Service settings that point at an n8n workflow's production webhook, set when that workflow exists:
+# variable -> (service, webhook path). guardrails delivers alerts through n8n (Slack, e-mail).
+N8N_WEBHOOK_SETTINGS = {"METIS_ALERT_WEBHOOK_URL": ("guardrails", "metis-guardrails-alerts")}
+
+
+def n8n_webhook_env(service: str, n8n_url: str, paths: set[str]) -> dict[str, str]:
+    """The N8N_WEBHOOK_SETTINGS of one service whose workflows are present."""
+    return {var: f"{n8n_url}/webhook/{path}" for var, (svc, path) in N8N_WEBHOOK_SETTINGS.items()
+            if svc == service and path in paths}
+
+
+# Site settings workflows read with $env (overridable from the environment of `make up`).
+WORKFLOW_SETTINGS = {"METIS_ALERT_EMAIL_FROM": "metis@example.com", "METIS_ALERT_EMAIL_TO": "ops@example.com"}
+
+
+def workflow_env(urls: Mapping[str, str], externals: Externals,
+                 base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What n8n workflows may read with $env: service and outside-system URLs and site settings,
+    never a token or key.
 
     The Slack incoming-webhook URL is the one secret-bearing URL n8n gets this way: n8n delivers the
     alerts, and only n8n's own environment holds it (never a workflow file)."""
-    env = dict(urls)
+    env = {k: (base or {}).get(k, default) for k, default in WORKFLOW_SETTINGS.items()}
+    env.update(urls)
     env.update({k: v for k, v in externals.public.items() if k.endswith("_URL") or k.startswith("METIS_SMTP_")})
     slack = externals.secret.get("METIS_SLACK_WEBHOOK_URL")
     if slack:
