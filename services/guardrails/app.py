@@ -67,7 +67,9 @@ def _background(pool: ConnectionPool, store: service.PolicyStore, settings: Sett
     }
     alert_url = extra.get("METIS_ALERT_WEBHOOK_URL")
     if alert_url:
-        token = os.environ.get("METIS_ALERT_WEBHOOK_TOKEN") or settings.own_token.get() or None
+        # The alert webhook is an n8n workflow whose header auth is the "Metis n8n token" credential.
+        n8n_token = settings.caller_tokens.get("n8n")
+        token = os.environ.get("METIS_ALERT_WEBHOOK_TOKEN") or (n8n_token.get() if n8n_token else None)
         jobs["alerts"] = (float(extra.get("METIS_ALERT_POLL_SECONDS", "2")),
                           lambda: service.deliver_alerts(pool, url=alert_url, token=token, session=session))
     watcher_url = extra.get("METIS_WATCHER_URL")
