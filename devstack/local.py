@@ -233,7 +233,9 @@ def up(env: Mapping[str, str] | None = None) -> int:
         print("Some Metis processes from an earlier `make up` are gone; stopping the rest and starting again.")
         down(quiet=True)
     RUN.mkdir(parents=True, exist_ok=True)
-    os.chmod(RUN, 0o700)
+    # Traversable but not listable: a private PostgreSQL cluster runs as the `postgres` user when we
+    # are root; secrets inside are 0600 files in 0700 folders.
+    os.chmod(RUN, 0o711)
     LOGS.mkdir(exist_ok=True)
     secrets_ = tokens.load_or_create(TOKENS)
     ports = Ports.from_env(env)

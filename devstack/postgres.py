@@ -114,7 +114,7 @@ def private_port_file(pg_dir: Path) -> Path:
     return pg_dir / "PORT"
 
 
-def start_private(pg_dir: Path) -> str:
+def start_private(pg_dir: Path, port: int | None = None) -> str:
     """initdb (once) and start a trust-auth cluster on 127.0.0.1 under pg_dir; returns its admin URL."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
@@ -125,7 +125,7 @@ def start_private(pg_dir: Path) -> str:
     if port_file.exists():
         port = int(port_file.read_text())
     else:
-        port = 5433 if not port_in_use(5433) else free_port()
+        port = port or (5433 if not port_in_use(5433) else free_port())
         port_file.write_text(str(port))
     url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     if reachable(url):
