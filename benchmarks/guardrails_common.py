@@ -57,7 +57,8 @@ def write_policy(directory: Path, overrides: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def stack(policy_overrides: dict[str, Any], *, workers: int = 2, threads: int = 8) -> Iterator[Stack]:
+def stack(policy_overrides: dict[str, Any], *, workers: int = 2, threads: int = 8,
+          extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
     """Fresh DB + emulator + guardrails (gunicorn, `workers` x `threads`); everything removed on exit."""
     name = f"metis_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
@@ -85,7 +86,7 @@ def stack(policy_overrides: dict[str, Any], *, workers: int = 2, threads: int = 
         env = {**os.environ, "DATABASE_URL": url, "METIS_CONFIG_DIR": str(cfg), "METIS_ANTHROPIC_URL": anthropic_url,
                "ANTHROPIC_API_KEY": key, "METIS_THREADS": str(threads), "METIS_LOG_LEVEL": "WARNING",
                "METIS_DB_POOL_SIZE": str(threads + 4),
-               **{f"METIS_TOKEN_{k.upper()}": v for k, v in TOKENS.items()}}
+               **{f"METIS_TOKEN_{k.upper()}": v for k, v in TOKENS.items()}, **(extra_env or {})}
         proc = start_service("guardrails", env=env, port=free_port(), log_dir=tmp, workers=workers)
         yield Stack(url, anthropic_url, key, proc, emu, tmp)
     finally:

@@ -77,12 +77,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400, help="per measurement")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--sync-commit", choices=("on", "off"), default="on",
+                    help="METIS_LEDGER_SYNC_COMMIT of the gateway (on: durable reservations, the default)")
     args = ap.parse_args()
     policy = {"limits": {"daily_usd": 1000, "monthly_usd": 10000, "reservation_timeout_seconds": 900},
               "tasks": {"bench": {"models": ["claude-haiku-4-5"], "triggers": ["manual"], "daily_usd": 1000,
                                   "run_cap": {"usd": 1000, "tokens": 10 ** 12}}}}
     rounds: list[dict[str, Any]] = []
-    with stack(policy, workers=args.workers, threads=args.threads) as st:
+    with stack(policy, workers=args.workers, threads=args.threads,
+               extra_env={"METIS_LEDGER_SYNC_COMMIT": args.sync_commit}) as st:
         http = urllib3.PoolManager()
         r = http.request("POST", st.guardrails.url + "/v1/runs", headers={
             "Authorization": f"Bearer {TOKENS['triage']}", "content-type": "application/json"},
@@ -106,7 +109,8 @@ def main() -> None:
     def med(key: str, metric: str) -> float:
         return statistics.median(r[key][metric] for r in rounds)
 
-    summary: dict[str, Any] = {"rounds": args.rounds, "gunicorn": f"{args.workers} workers x {args.threads} threads"}
+    summary: dict[str, Any] = {"rounds": args.rounds, "gunicorn": f"{args.workers} workers x {args.threads} threads",
+                               "sync_commit": args.sync_commit}
     for conc in (1, 16):
         d50, g50 = med(f"direct_c{conc}", "p50_ms"), med(f"gated_c{conc}", "p50_ms")
         d99, g99 = med(f"direct_c{conc}", "p99_ms"), med(f"gated_c{conc}", "p99_ms")
@@ -120,7 +124,7 @@ def main() -> None:
             "errors": sum(r[f"gated_c{conc}"]["errors"] + r[f"direct_c{conc}"]["errors"] for r in rounds)}
     summary["raw"] = rounds
     print(json.dumps({k: v for k, v in summary.items() if k != "raw"}, indent=2))
-    save("guardrails_overhead", summary)
+    save(f"guardrails_overhead_sync_{args.sync_commit}", summary)
 
 
 if __name__ == "__main__":

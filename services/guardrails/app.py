@@ -32,9 +32,19 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
     extra = settings.extra
     policy = load_policy(settings.config_dir)
     # The gateway's own pool: autocommit (one round trip per ledger statement) and no borrow-time ping.
+    # METIS_LEDGER_SYNC_COMMIT=off trades durability for latency: a reservation is acknowledged before its WAL
+    # record reaches disk, so a PostgreSQL crash in the next ~0.6 s can forget it while the call it admitted
+    # goes ahead (under-counting). Default on: a reservation is durable before any money is spent.
+    sync_commit = extra.get("METIS_LEDGER_SYNC_COMMIT", "on")
+    if sync_commit not in ("on", "off"):
+        raise ValueError(f"METIS_LEDGER_SYNC_COMMIT must be on or off, got {sync_commit!r}")
+
+    def configure(conn: Any) -> None:
+        conn.execute(f"SET synchronous_commit = {sync_commit}")
+
     pool = ConnectionPool(settings.database_url, min_size=2, max_size=int(extra.get("METIS_DB_POOL_SIZE", "12")),
                           kwargs={"row_factory": dict_row, "autocommit": True}, open=False, name="guardrails",
-                          timeout=float(extra.get("METIS_DB_POOL_TIMEOUT", "3")))
+                          timeout=float(extra.get("METIS_DB_POOL_TIMEOUT", "3")), configure=configure)
     app = create_service_app(settings, apis=[api, gateway_api], pool=pool, public_paths=GATEWAY_PATHS)
     state = app.extensions["metis"].state
     store = service.PolicyStore(pool, policy)
