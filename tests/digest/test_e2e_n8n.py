@@ -1,0 +1,254 @@
+"""Each digest schedule end to end in real n8n, triggered manually: run → service → Slack + email → heartbeat.
+
+Everything outside Metis is an emulator reached by URL (Jira, Salesforce, Confluence, Slack, SMTP, Anthropic);
+guardrails, digest and n8n are the real processes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pytest
+
+from .budget import spend_down
+from .conftest import ago, seed_confluence, seed_salesforce
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n")]
+
+WORKFLOWS = {"monitor": "metisDigestMon01", "weekly": "metisDigestWkly1", "patterns": "metisDigestPat01",
+             "health": "metisDigestHlth1"}
+HEARTBEATS = {"monitor": "digest-stale-scan", "weekly": "digest-weekly", "patterns": "digest-patterns",
+              "health": "digest-health"}
+TITLES = {"monitor": "Defect monitor", "weekly": "Weekly digest", "patterns": "Cross-client patterns",
+          "health": "Client health"}
+SYSTEM_MARK = "opening paragraph of an internal engineering digest"
+RECIPIENT = "payroll-engineering@metis.local"
+
+
+def unflatten(arr: list[Any]) -> Any:
+    """n8n stores run data as `flatted` JSON: containers and strings referenced by index."""
+    cache: dict[int, Any] = {}
+
+    def get(i: int) -> Any:
+        if i in cache:
+            return cache[i]
+        v = arr[i]
+        if isinstance(v, dict):
+            out: Any = {}
+            cache[i] = out
+            out.update({k: get(int(x)) if isinstance(x, str) else x for k, x in v.items()})
+            return out
+        if isinstance(v, list):
+            cache[i] = out = []
+            out.extend(get(int(x)) if isinstance(x, str) else x for x in v)
+            return out
+        return v
+
+    return get(0)
+
+
+def explain(n8n: Any, execution: dict[str, Any]) -> str:
+    """What went wrong in an execution: the last node and every node error (for assertion messages)."""
+    data = unflatten(n8n.execution_data(execution["id"]) or [{}])
+    result = data.get("resultData", {})
+    lines = [f"last node: {result.get('lastNodeExecuted')}", f"error: {json.dumps(result.get('error'))[:800]}"]
+    for node, tasks in (result.get("runData") or {}).items():
+        for t in tasks:
+            if t.get("error"):
+                lines.append(f"{node}: {json.dumps(t['error'])[:800]}")
+            else:
+                out = (t.get("data") or {}).get("main") or []
+                summary = json.dumps(out)
+                lines.append(f"{node}: ok {summary[:300]}{'…' + summary[-300:] if len(summary) > 300 else ''}")
+    return "\n".join(lines)
+
+
+def run_now(n8n: Any, job: str, timeout: float = 240) -> dict[str, Any]:
+    """Execute the job's workflow from its Schedule trigger, as 'Execute workflow' in the editor does."""
+    session = n8n.login()
+    r = session.post(f"{n8n.url}/rest/workflows/{WORKFLOWS[job]}/run", timeout=30,
+                     json={"triggerToStartFrom": {"name": "Schedule"}})
+    assert r.status_code == 200, r.text
+    execution_id = str(r.json()["data"]["executionId"])
+    execution = n8n.wait_for_execution(execution_id, statuses=("success", "error", "crashed", "canceled"),
+                                       timeout=timeout)
+    execution["explain"] = explain(n8n, execution)
+    return execution
+
+
+@contextmanager
+def parameter(n8n: Any, job: str, name: str, value: Any) -> Iterator[None]:
+    """Change one value of the workflow's Parameters node, as ops would in the editor; restored afterwards."""
+    session = n8n.login()
+    url = f"{n8n.url}/rest/workflows/{WORKFLOWS[job]}"
+    original = session.get(url, timeout=30).json()["data"]
+    nodes = copy.deepcopy(original["nodes"])
+    params = next(n for n in nodes if n["name"] == "Parameters")
+    for a in params["parameters"]["assignments"]["assignments"]:
+        if a["name"] == name:
+            a["value"] = value
+    r = session.patch(url, json={"nodes": nodes, "connections": original["connections"]}, timeout=30)
+    assert r.status_code == 200, r.text
+    try:
+        yield
+    finally:
+        r = session.patch(url, json={"nodes": original["nodes"], "connections": original["connections"]}, timeout=30)
+        assert r.status_code == 200, r.text
+
+
+def seed_world(emu: Any) -> None:
+    """Defects for three clients, their Salesforce accounts and cases, their configuration pages."""
+    emu.jira_seed([
+        {"key": "PAY-1", "summary": "Payslip PDF blank after pay run", "issuetype": "Bug", "priority": "Blocker",
+         "client": "acme", "created": ago(20), "updated": ago(6), "components": ["Payslips"]},
+        {"key": "PAY-2", "summary": "Payslip PDF is empty once the pay run completes", "issuetype": "Bug",
+         "priority": "High", "client": "globex", "created": ago(2), "updated": ago(1), "components": ["Payslips"]},
+        {"key": "PAY-3", "summary": "Blank payslip PDF generated by the pay run", "issuetype": "Bug",
+         "priority": "Medium", "client": "initech", "created": ago(3), "updated": ago(3), "components": ["Payslips"]},
+        {"key": "PAY-4", "summary": "Leave balance wrong after import", "issuetype": "Bug", "priority": "Medium",
+         "client": "globex", "status": "Waiting for Customer", "created": ago(12), "updated": ago(8)},
+        {"key": "SUP-1", "summary": "Payslip PDFs come out blank after our pay run", "issuetype": "Bug",
+         "priority": "Low", "client": "acme", "created": ago(1), "updated": ago(1), "components": ["Payslips"]},
+    ])
+    pages = seed_confluence(emu, [{"title": "Acme configuration", "space": "CFG",
+                                   "versions": [{"body": "v1", "created": ago(90)}]}])
+    seed_salesforce(emu, "Account", [
+        {"Id": "001000000000001AAA", "Name": "Acme Corp", "AnnualRevenue": 2_000_000, "Metis_Client_Key__c": "acme",
+         "Renewal_Date__c": ago(-60)[:10], "Config_Doc_Page_Id__c": pages[0], "Config_Last_Changed__c": ago(30)},
+        {"Id": "001000000000002AAA", "Name": "Globex", "AnnualRevenue": 500_000, "Metis_Client_Key__c": "globex"}])
+    seed_salesforce(emu, "Case", [{"AccountId": "001000000000001AAA", "Subject": "Payslips", "Status": "New",
+                                   "IsEscalated": True}])
+
+
+def digest_messages(emu: Any, title: str) -> list[dict[str, Any]]:
+    return [m for m in emu.slack_messages() if m["blocks"] and title in m["blocks"][0]["text"]["text"]]
+
+
+def alerts(emu: Any, job: str) -> list[dict[str, Any]]:
+    return [m for m in emu.slack_messages() if f"Metis job digest-{job} FAILED" in (m.get("text") or "")]
+
+
+def archived(services: Any, kind: str) -> list[dict[str, Any]]:
+    r = services.get("digest", f"/v1/digests?kind={kind}", caller="ops")
+    assert r.status_code == 200, r.text
+    return list(r.json()["digests"])
+
+
+def heartbeat(services: Any, name: str) -> dict[str, Any]:
+    beats = services.get("guardrails", "/v1/heartbeats", caller="ops").json()
+    return next(b for b in beats if b["name"] == name)
+
+
+def runs(services: Any, execution: dict[str, Any]) -> list[dict[str, Any]]:
+    listed = services.get("guardrails", "/v1/runs?task=digest", caller="ops").json()
+    return [r for r in listed if r["external_id"] == f"n8n-{execution['id']}"]
+
+
+def check_delivered(services: Any, emu: Any, job: str, execution: dict[str, Any], beats_before: int) -> dict:
+    """The Slack message and the email carry the archived digest; the heartbeat and the run are recorded."""
+    assert execution["status"] == "success", execution["explain"]
+    (digest_row,) = archived(services, "monitor" if job == "monitor" else
+                             {"weekly": "weekly", "patterns": "patterns", "health": "health"}[job])
+    digest = services.get("digest", f"/v1/digests/{digest_row['id']}", caller="ops").json()
+    (msg,) = digest_messages(emu, TITLES[job])
+    assert msg["blocks"] == digest["slack"]["blocks"]
+    mails = [m for m in emu.mail_messages() if m["subject"] == digest["email"]["subject"]]
+    assert len(mails) == 1 and RECIPIENT in mails[0]["to"]
+    # SMTP carries CRLF line ends; the content is the archived HTML.
+    assert mails[0]["html"].replace("\r\n", "\n").strip() == digest["email"]["html"].strip()
+    assert digest["narrative"]["note"] in mails[0]["text"]
+    (run,) = runs(services, execution)
+    assert run["status"] == "succeeded" and run["trigger"] == "schedule"
+    assert run["outcome"]["digest_id"] == digest["id"] and digest["run_id"] == run["id"]
+    beat = heartbeat(services, HEARTBEATS[job])
+    assert beat["beats"] == beats_before + 1 and beat["status"] == "ok"
+    assert not alerts(emu, job)
+    return digest
+
+
+def test_weekly_digest_delivered_with_the_models_narrative(stack, emu):
+    services, n8n = stack.services, stack.n8n
+    seed_world(emu)
+    emu.script_anthropic([{"match": SYSTEM_MARK,
+                           "text": "PAY-1 leads: a Blocker for Acme, idle six days. PAY-2 and PAY-3 look alike."}])
+    before = heartbeat(services, "digest-weekly")["beats"]
+    execution = run_now(n8n, "weekly")
+    digest = check_delivered(services, emu, "weekly", execution, before)
+    assert digest["narrative"]["mode"] == "llm"
+    assert [t["key"] for t in digest["data"]["tickets"]][0] == "PAY-1"
+    (msg,) = digest_messages(emu, "Weekly digest")
+    text = json.dumps(msg["blocks"])
+    assert "PAY-1 leads" in text and "claude-haiku-4-5" in text and "parts: priority 25/25" in text
+
+
+def test_weekly_digest_still_goes_out_offline_when_the_budget_is_denied(stack, emu):
+    services, n8n = stack.services, stack.n8n
+    seed_world(emu)
+    spend_down(services.url("guardrails"), emu)
+    before = heartbeat(services, "digest-weekly")["beats"]
+    execution = run_now(n8n, "weekly")
+    digest = check_delivered(services, emu, "weekly", execution, before)
+    assert digest["narrative"]["mode"] == "offline" and "denied by guardrails" in digest["narrative"]["reason"]
+    (msg,) = digest_messages(emu, "Weekly digest")
+    assert "offline template" in json.dumps(msg["blocks"]) and "denied" in json.dumps(msg["blocks"])
+    (mail,) = [m for m in emu.mail_messages() if m["subject"] == digest["email"]["subject"]]
+    assert "offline template" in mail["html"] and "offline template" in mail["text"]
+
+
+@pytest.mark.parametrize("job", ["monitor", "patterns", "health"])
+def test_scheduled_job_delivers_archives_and_checks_in(stack, emu, job):
+    services, n8n = stack.services, stack.n8n
+    seed_world(emu)
+    before = heartbeat(services, HEARTBEATS[job])["beats"]
+    execution = run_now(n8n, job)
+    digest = check_delivered(services, emu, job, execution, before)
+    if job == "monitor":
+        found = {f["key"]: [r["rule"] for r in f["reasons"]] for f in digest["data"]["findings"]}
+        assert found == {"PAY-1": ["stale", "blocker"], "PAY-4": ["stale", "waiting"]}
+    elif job == "patterns":
+        (p,) = digest["data"]["patterns"]
+        # PAY-1 is older than both windows; the three recent reports come from three clients.
+        assert {t["key"] for t in p["tickets"]} == {"PAY-2", "PAY-3", "SUP-1"} and len(p["clients"]) == 3
+        assert p["trend"] == "new" and p["previous_count"] == 0
+    else:
+        scores = {c["client"]: c for c in digest["data"]["clients"]}
+        assert set(scores) == {"acme", "globex", "initech"}
+        doc = {c["name"]: c for c in scores["acme"]["components"]}["documentation"]
+        assert doc["score"] == 0 and "out of date" in doc["explanation"]
+        metrics = services.get("digest", "/metrics", caller=None).text
+        assert f'metis_digest_client_health_score{{client="acme"}} {scores["acme"]["score"]}' in metrics
+
+
+def _check_failed_loudly(services: Any, emu: Any, job: str, execution: dict[str, Any], beats_before: int,
+                         expect: str) -> None:
+    assert execution["status"] == "error", execution["explain"]
+    (alert,) = alerts(emu, job)
+    assert "at Build digest" in alert["text"] and expect in alert["text"] and "Nothing was delivered" in alert["text"]
+    assert not digest_messages(emu, TITLES[job])
+    mails = emu.mail_messages()
+    assert [m["subject"] for m in mails] == [f"[ALERT] Metis job digest-{job} failed at Build digest"]
+    assert expect in mails[0]["text"]
+    assert archived(services, job) == []
+    assert heartbeat(services, HEARTBEATS[job])["beats"] == beats_before  # the missed beat raises the alarm later
+    (run,) = runs(services, execution)
+    assert run["status"] == "failed" and run["outcome"]["step"] == "Build digest", execution["explain"]
+
+
+def test_invalid_jql_fails_loudly_and_sends_nothing_as_complete(stack, emu):
+    services, n8n = stack.services, stack.n8n
+    seed_world(emu)
+    before = heartbeat(services, "digest-stale-scan")["beats"]
+    with parameter(n8n, "monitor", "jql", "project = PAY AND (status = "):
+        execution = run_now(n8n, "monitor")
+    _check_failed_loudly(services, emu, "monitor", execution, before, "JQL")
+
+
+def test_unreachable_source_fails_loudly(stack, emu):
+    services, n8n = stack.services, stack.n8n
+    seed_world(emu)
+    emu.jira_fault("/rest/api/3/search/jql", down=True, count=None)
+    before = heartbeat(services, "digest-health")["beats"]
+    execution = run_now(n8n, "health")
+    _check_failed_loudly(services, emu, "health", execution, before, "Jira")
