@@ -436,6 +436,10 @@ def alert_text(kind: str, p: Mapping[str, Any]) -> str:
     if kind == "spend_threshold":
         return (f"Metis spend reached {p['threshold_percent']}% of the {p['scope']} cap {p['cap']}: "
                 f"${micros_to_usd(int(p['spent_micros'])):.4f} of ${micros_to_usd(int(p['limit_micros'])):.2f}")
+    if kind == "cap_exhausted":
+        return (f"Metis {p['scope']} cap {p['cap']} is exhausted: LLM calls are being refused "
+                f"(${micros_to_usd(int(p['spent_micros'])):.4f} spent, "
+                f"${micros_to_usd(int(p['reserved_micros'])):.4f} in flight, of ${micros_to_usd(int(p['limit_micros'])):.2f})")
     if kind == "heartbeat_overdue":
         return f"Metis heartbeat '{p['name']}' is overdue (expected every {p['interval_seconds']} s)"
     if kind == "heartbeat_recovered":

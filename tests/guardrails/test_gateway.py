@@ -188,6 +188,14 @@ def test_caps_at_every_level(make_guardrails, emu, sql, level, policy, reason):
     # The denial said which cap; the worst case of the refused call really did not fit it.
     detail = exc.value.body["error"]["details"]
     assert detail["reserve_micros"] > 0 and detail["cap"]
+    # Ops hear once per period cap that work is being refused (run caps are the normal end of a run).
+    with pytest.raises(BudgetDenied):
+        llm.messages.create(model=HAIKU, max_tokens=1000, messages=MSG)
+    alerts = sql.execute("SELECT kind, payload FROM guardrails.alert_outbox WHERE kind = 'cap_exhausted'").fetchall()
+    if level.startswith("run"):
+        assert alerts == []
+    else:
+        assert len(alerts) == 1 and alerts[0]["payload"]["scope"] == level
 
 
 def test_upstream_429_is_passed_back_and_releases(gw, emu, sql):
