@@ -9,8 +9,10 @@ from typing import Any, Callable
 import requests
 from flask import Flask
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+from shared.errors import problem_response
 from shared.settings import Settings
 from shared.web import create_service_app
 
@@ -47,6 +49,14 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
                           timeout=float(extra.get("METIS_DB_POOL_TIMEOUT", "3")), configure=configure)
     app = create_service_app(settings, apis=[api, gateway_api], pool=pool, public_paths=GATEWAY_PATHS)
     state = app.extensions["metis"].state
+
+    @app.errorhandler(psycopg.OperationalError)
+    @app.errorhandler(PoolTimeout)
+    def _ledger_down(err: Exception) -> Any:
+        # Fail closed with a retryable status: nothing was opened, spent or recorded.
+        return problem_response(503, "ledger_unavailable", "Service unavailable",
+                                f"the guardrails database is unavailable ({type(err).__name__}); nothing was done")
+
     store = service.PolicyStore(pool, policy)
     store.record(policy, actor=f"startup:{socket.gethostname()}:{os.getpid()}")
     key = anthropic_api_key if anthropic_api_key is not None else os.environ.get("ANTHROPIC_API_KEY", "")

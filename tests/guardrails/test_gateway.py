@@ -268,6 +268,9 @@ def test_database_down_fails_closed(make_guardrails, emu, database_url, tmp_path
         assert exc.value.status_code == 503
         assert exc.value.body["error"]["details"]["error_code"] == "ledger_unavailable"
         assert len(emu.anthropic_requests("/v1/messages")) == before
+        opened = requests.post(gw.url + "/v1/runs", json={"task": "triage", "trigger": "event"},
+                               headers={"Authorization": f"Bearer {TEST_TOKENS['triage'].get()}"}, timeout=10)
+        assert opened.status_code == 503 and opened.json()["code"] == "ledger_unavailable"
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         # Back up: calls flow again (the pool replaces its dead connections).
