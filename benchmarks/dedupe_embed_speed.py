@@ -53,7 +53,7 @@ def main() -> None:
     for t in sample:  # what the index does per ticket besides the model
         text = for_embedding(clean(t["summary"]), clean(t["description"]))
         tokens(t["summary"])
-        tokens(for_embedding("", clean(t["description"]), 40000))
+        tokens(for_embedding("", clean(t["description"]), 6000))
         content_hash("m", text)
     prep = len(sample) / (time.perf_counter() - t0)
     a = variants["fp32, 128 tokens, cleaned"][0].embed(cleaned[:128])

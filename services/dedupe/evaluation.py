@@ -56,12 +56,12 @@ def load_dataset(issues_csv: Path, pairs_csv: Path, *, prefix: str = "GB") -> Da
     with open(pairs_csv, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         next(reader, None)
-        for row in reader:
-            if len(row) < 2:
+        for pair in reader:
+            if len(pair) < 2:
                 continue
-            a = f"{prefix}-{row[0].strip()}"
+            a = f"{prefix}-{pair[0].strip()}"
             # a cell may list several ids ("13547000, 13396667")
-            for b_id in re.split(r"[,\s]+", row[1].strip()):
+            for b_id in re.split(r"[,\s]+", pair[1].strip()):
                 b = f"{prefix}-{b_id}"
                 if b_id and a in by_key and b in by_key:
                     links[a].add(b)

@@ -42,6 +42,7 @@ class LexicalIndex:
         self.params = params or Bm25Params()
         self.merge_at = merge_at
         self.vocab: dict[str, int] = {}
+        self.terms: list[str] = []  # id -> term (for explaining matches)
         self.df = np.zeros(1024, dtype=np.int32)
         # slot -> (term ids, summary tf, description tf) for rebuilds
         self.docs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -66,6 +67,7 @@ class LexicalIndex:
                     continue
                 i = len(self.vocab)
                 self.vocab[t] = i
+                self.terms.append(t)
             ids.append(i)
         if len(self.vocab) > len(self.df):
             self.df = np.concatenate([self.df, np.zeros(len(self.df), dtype=np.int32)])

@@ -85,7 +85,7 @@ class LlmVerifier:
         blocks += [_ticket_block("candidate", c["key"], c["summary"], c.get("description", ""))
                    for c in candidates[: self.config.top_k]]
         try:
-            msg = client.messages.create(
+            msg = client.messages.create(  # type: ignore[call-overload]
                 model=self.config.model, max_tokens=self.config.max_tokens,
                 system=[{"type": "text", "text": INSTRUCTIONS, "cache_control": {"type": "ephemeral"}}],
                 tools=[VERDICT_TOOL],  # type: ignore[list-item]

@@ -34,7 +34,7 @@ def existing_hashes(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, 
     rows = conn.execute(
         "SELECT key, content_hash, row_hash, embedder, deleted, embedding FROM dedupe.tickets WHERE key = ANY(%s)",
         (list(keys),)).fetchall()
-    return {r["key"]: r for r in rows}  # type: ignore[call-overload,index]
+    return {r["key"]: r for r in rows}  # type: ignore[call-overload,index,misc]
 
 
 def upsert_ticket(conn: psycopg.Connection, values: dict[str, Any], rev: int) -> None:

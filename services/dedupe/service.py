@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,16 +12,18 @@ import numpy as np
 from psycopg_pool import ConnectionPool
 
 from shared.db import transaction
-from shared.embeddings import Embedder, EmbedderUnavailable, content_hash
+from shared.embeddings import Embedder, content_hash
 from shared.errors import MetisError, NotFound, Unavailable
 
-from . import repository
+from . import metrics, repository
 from .config import DedupeConfig
 from .index import TicketIndex, TicketMeta
 from .text import clean, for_embedding, tokens
 
 log = logging.getLogger(__name__)
 
+# Description text tokenised for BM25F: enough for the description_tokens kept (400 by default).
+LEXICAL_CHARS = 6000
 TEXT_FIELDS = ("project", "status", "resolution", "resolution_text", "priority", "client")
 
 
@@ -60,7 +61,8 @@ class TicketIn:
         key = opt(d.get("key"))
         if project is None and key and "-" in key:
             project = key.rsplit("-", 1)[0]  # Jira keys carry their project
-        return cls(key=key, summary=clean(d["summary"]), description=clean(d.get("description") or "")[:max_description],
+        raw_desc = (d.get("description") or "")[: max_description * 2]  # bound the cleaning work too
+        return cls(key=key, summary=clean(d["summary"][:2000])[:1000], description=clean(raw_desc)[:max_description],
                    project=project, status=opt(d.get("status")), resolution=opt(d.get("resolution")),
                    resolution_text=opt(d.get("resolution_text")), priority=opt(d.get("priority")),
                    components=[c for c in (clean(x) for x in d.get("components") or []) if c],
@@ -171,7 +173,7 @@ class Engine:
 def _prepare(t: TicketIn, embedder_name: str, cfg: DedupeConfig) -> dict[str, Any]:
     text = for_embedding(t.summary, t.description, cfg.embed_max_chars)
     lex_s = tokens(t.summary)
-    lex_d = tokens(for_embedding("", t.description, 20 * cfg.embed_max_chars))[: cfg.description_tokens]
+    lex_d = tokens(for_embedding("", t.description, LEXICAL_CHARS))[: cfg.description_tokens]
     values: dict[str, Any] = {
         "key": t.key, "project": t.project, "summary": t.summary, "description": t.description,
         "status": t.status, "resolution": t.resolution, "resolution_text": t.resolution_text,
@@ -215,6 +217,8 @@ def upsert_tickets(*, engine: Engine, tickets: Sequence[TicketIn]) -> dict[str, 
             last = repository.take_revs(conn, len(changed))
             for i, p in enumerate(changed):
                 repository.upsert_ticket(conn, p, last - len(changed) + 1 + i)
+    metrics.INDEXED.labels("indexed").inc(len(changed))
+    metrics.INDEXED.labels("embedded").inc(len(to_embed))
     return {"received": len(tickets), "indexed": len(changed), "embedded": len(to_embed),
             "unchanged": len(prepared) - len(changed)}
 
@@ -268,7 +272,7 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
     cfg = engine.config
     text = for_embedding(ticket.summary, ticket.description, cfg.embed_max_chars)
     qs = tokens(ticket.summary)
-    qd = tokens(for_embedding("", ticket.description, 20 * cfg.embed_max_chars))[: cfg.description_tokens]
+    qd = tokens(for_embedding("", ticket.description, LEXICAL_CHARS))[: cfg.description_tokens]
     qvec = emb.embed([text])[0]
     before = [x for x in (_ts(filters.created_before),) if x is not None]
     exclude = list(filters.exclude_keys) + ([ticket.key] if ticket.key else [])
@@ -295,7 +299,6 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
         recency = np.where(np.isnan(days), 0.0, np.log1p(np.nan_to_num(days)))
         fused = (f.lexical * bm[cand_arr] / max(bm_max, 1e-6) + f.dense * cos[cand_arr] - f.recency * recency)
         order = np.argsort(-fused, kind="stable")[:limit]
-        inv_vocab = None
         hits: list[Hit] = []
         qterms = set(qs) | set(qd)
         for o in order:
@@ -305,9 +308,7 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
             doc = index.lexical.docs.get(slot)
             shared: list[str] = []
             if doc is not None and qterms:
-                if inv_vocab is None:
-                    inv_vocab = _InvVocab(index.lexical.vocab)
-                words = [inv_vocab[int(t)] for t in doc[0]]
+                words = [index.lexical.terms[int(t)] for t in doc[0]]
                 common = [w for w in words if w in qterms]
                 df = index.lexical.df
                 common.sort(key=lambda w: (df[index.lexical.vocab[w]], -len(w)))  # rarest, most specific first
@@ -315,18 +316,6 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
             hits.append(Hit(slot, meta, float(fused[o]), float(cos[slot]), float(bm[slot]),
                             float(bm[slot]) / self_score, None if np.isnan(days[o]) else float(days[o]), shared))
     return hits, eligible
-
-
-class _InvVocab:
-    """id -> term, built lazily once per query that needs reasons."""
-
-    def __init__(self, vocab: dict[str, int]) -> None:
-        self._terms = [""] * len(vocab)
-        for t, i in vocab.items():
-            self._terms[i] = t
-
-    def __getitem__(self, i: int) -> str:
-        return self._terms[i]
 
 
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -374,8 +363,6 @@ def candidate_dict(hit: Hit, ticket: TicketIn, cfg: DedupeConfig, *, with_resolu
     return d
 
 
-__all__ = ["Engine", "ModelHolder", "TicketIn", "Filters", "upsert_tickets", "delete_ticket", "search",
-           "verdict_for", "candidate_dict", "EmbedderUnavailable", "math"]
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
@@ -392,7 +379,9 @@ def check_duplicates(*, engine: Engine, ticket: TicketIn, limit: int, created_be
             return {**stored, "replayed": True}
     if created_before is not None:
         filters.created_before = min(x for x in (created_before, filters.created_before) if x is not None)
+    t0 = time.perf_counter()
     hits, searched = search(engine=engine, ticket=ticket, limit=limit, filters=filters)
+    metrics.SEARCH_SECONDS.labels("duplicates").observe(time.perf_counter() - t0)
     cfg = engine.config
     verdict, confidence = verdict_for(hits, cfg)
     candidates = [candidate_dict(h, ticket, cfg) for h in hits]
@@ -403,6 +392,7 @@ def check_duplicates(*, engine: Engine, ticket: TicketIn, limit: int, created_be
     response: dict[str, Any] = {"verdict": verdict, "confidence": round(confidence, 4), "mode": mode,
                                 "mode_detail": detail, "candidates": candidates, "searched": searched,
                                 "llm": llm_out, "indexed": False, "replayed": False}
+    metrics.VERDICTS.labels(verdict, mode).inc()
     if index_ticket:
         upsert_tickets(engine=engine, tickets=[ticket])
         response["indexed"] = True
@@ -448,7 +438,9 @@ def _descriptions(pool: ConnectionPool, keys: list[str]) -> dict[str, str]:
 
 def similar_resolved(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters) -> dict[str, Any]:
     """Nearest resolved tickets with their resolutions (triage's offline evidence)."""
+    t0 = time.perf_counter()
     hits, searched = search(engine=engine, ticket=ticket, limit=limit, filters=filters, resolved_only=True,
                             exclude_resolutions=engine.config.similar_exclude)
+    metrics.SEARCH_SECONDS.labels("similar").observe(time.perf_counter() - t0)
     return {"candidates": [candidate_dict(h, ticket, engine.config, with_resolution=True) for h in hits],
             "searched": searched}

@@ -47,7 +47,8 @@ def _compress_traces(text: str, keep: int) -> str:
 
 def for_embedding(summary: str, description: str, max_chars: int = 2000) -> str:
     """The text the dense model sees: summary first, then the description without markup and noise."""
-    desc = _CODE_BLOCK.sub(lambda m: "\n" + m.group(2) + "\n", description)
+    # Cut before the regexes: a 1 MB description costs no more than a long one.
+    desc = _CODE_BLOCK.sub(lambda m: "\n" + m.group(2) + "\n", description[: max_chars * 4])
     desc = _compress_traces(desc, keep=3)
     desc = _LINK.sub(r"\1", desc)
     desc = _URL.sub(" ", desc)
