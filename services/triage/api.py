@@ -37,6 +37,7 @@ class TriageEngine:
     webhook_secret: str | None
     claim_lease_seconds: int
     jira: JiraClient | None = None
+    polling_enabled: bool = False
 
 
 def engine() -> TriageEngine:
@@ -117,6 +118,8 @@ POLL_FIELDS = ("summary", "description", "issuetype", "project", "priority", "co
 def intake_jira_poll(body: dict[str, Any]) -> dict[str, Any]:
     """The polling twin: JQL for recently created tickets (read-only), each accepted once like a webhook."""
     eng = engine()
+    if body["trigger"] == "schedule" and not eng.polling_enabled:
+        return {"accepted": [], "duplicates": [], "rejected": [], "skipped": "polling is disabled for this site"}
     if eng.jira is None:
         raise Unavailable("Jira polling is not configured (METIS_JIRA_URL, METIS_JIRA_EMAIL, METIS_JIRA_API_TOKEN)",
                           code="jira_not_configured")
@@ -159,7 +162,7 @@ def _accept_issues(issues: list[dict[str, Any]]) -> dict[str, Any]:
             accepted.append(answer)
         else:
             duplicates.append(key)
-    return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+    return {"accepted": accepted, "duplicates": duplicates, "rejected": rejected, "skipped": None}
 
 
 def _claim(source: str, issue: dict[str, Any], *, delivery: str | None, event: str) -> dict[str, Any]:

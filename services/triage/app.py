@@ -45,10 +45,12 @@ def build_engine(settings: Settings, *, llm_enabled: bool | None = None, webhook
     jira_token = jira_api_token if jira_api_token is not None else os.environ.get("METIS_JIRA_API_TOKEN")
     # Read-only use: the polling twin's JQL search. Without credentials polling answers 503, webhooks still work.
     jira = JiraClient(jira_url, jira_email, jira_token) if jira_url and jira_email and jira_token else None
+    polling_env = settings.extra.get("METIS_TRIAGE_POLLING")
+    polling = polling_env.lower() in _TRUE if polling_env else cfg.poll_enabled
     return TriageEngine(deps=deps, guardrails=guardrails, dedupe=dedupe,
                         webhook_secret=webhook_secret if webhook_secret is not None
                         else os.environ.get("METIS_JIRA_WEBHOOK_SECRET") or None,
-                        claim_lease_seconds=lease, jira=jira)
+                        claim_lease_seconds=lease, jira=jira, polling_enabled=polling)
 
 
 def create_app(settings: Settings | None = None, *, llm_enabled: bool | None = None,

@@ -98,6 +98,7 @@ class TriageConfig:
     conflict_min_weight: float
     min_confidence: float
     offline_agreement_min_confidence: float
+    poll_enabled: bool
     poll_jql: str
     poll_max_issues: int
     llm_model: str | None
@@ -275,6 +276,7 @@ def load_triage_config(path: str | Path, taxonomy: Taxonomy) -> TriageConfig:
         min_confidence=g(doc, "escalation.min_confidence", float, minimum=0.0, maximum=1.0),
         offline_agreement_min_confidence=g(doc, "escalation.offline_agreement_min_confidence", float,
                                            minimum=0.0, maximum=1.0),
+        poll_enabled=g(doc, "polling.enabled", bool),
         poll_jql=g(doc, "polling.jql", str),
         poll_max_issues=g(doc, "polling.max_issues", int, minimum=1, maximum=1000),
         llm_model=model,

@@ -137,6 +137,8 @@ class JiraPollCreate(Schema):
 
     jql = fields.String(load_default=None, allow_none=True, validate=validate.Length(min=1, max=2000))
     max_issues = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 1000))
+    trigger = fields.String(load_default="manual", validate=validate.OneOf(["schedule", "manual"]), metadata={
+        "description": "schedule: only polls when polling is enabled for this site; manual: always"})
 
 
 class IntakeRead(Schema):
@@ -151,6 +153,7 @@ class PollRead(Schema):
     accepted = fields.List(fields.Nested(IntakeRead))
     duplicates = fields.List(fields.String())
     rejected = fields.List(fields.Nested(IntakeRead))
+    skipped = fields.String(allow_none=True, metadata={"description": "why a scheduled poll did nothing"})
 
 
 class IntakeQuery(Schema):

@@ -1,6 +1,7 @@
 """Triage test fixtures: the real configuration, evidence factories and an SDK caller aimed at the emulator."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,3 +72,21 @@ def sdk_caller(base_url: str, api_key: str) -> Callable[[str], service.MessagesC
 def ticket(key: str = "PAY-2001", summary: str = "Kiosk clock-in times are one hour late", description: str = "",
            **extra: Any) -> dict[str, Any]:
     return {"key": key, "summary": summary, "description": description, **extra}
+
+
+TRIAGE_WORKFLOWS = ("metisTriageJira01", "metisTriagePoll01")
+
+
+@pytest.fixture
+def quiet_n8n(request: pytest.FixtureRequest) -> Any:
+    """After a flow test, wait until its n8n executions have ended, so none writes into the next test."""
+    yield
+    n8n = request.getfixturevalue("stack").n8n
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        busy = [e for wid in TRIAGE_WORKFLOWS for e in n8n.executions(wid)
+                if e["status"] not in ("success", "error", "crashed", "canceled")]
+        if not busy:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"n8n executions still running after the test: {busy}")

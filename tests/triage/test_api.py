@@ -100,7 +100,7 @@ def test_signed_webhook_is_accepted_once(client: FlaskClient, database_url: str)
     assert again.status_code == 200 and again.get_json()["outcome"] == "duplicate"
     polled = client.post("/v1/intake/poll", headers=auth("n8n"),
                          json={"issues": [json.loads(body)["issue"]]})
-    assert polled.get_json() == {"accepted": [], "duplicates": ["TES-41"], "rejected": []}
+    assert polled.get_json() == {"accepted": [], "duplicates": ["TES-41"], "rejected": [], "skipped": None}
     assert [(x["outcome"], x["delivery_id"]) for x in intake_rows(database_url)] == \
         [("accepted", "d-1"), ("duplicate", "d-1"), ("duplicate", None)]
 
@@ -151,3 +151,12 @@ def test_poll_accepts_new_issues_once_and_rejects_broken_ones(client: FlaskClien
     second = client.post("/v1/intake/poll", headers=auth("n8n"), json={"issues": issues[:2]}).get_json()
     assert second["accepted"] == [] and second["duplicates"] == ["PAY-1", "PAY-2"]
     assert client.post("/v1/intake/poll", headers=auth("n8n"), json={"issues": "x"}).status_code == 400
+
+
+def test_scheduled_poll_does_nothing_while_polling_is_off(client: FlaskClient) -> None:
+    r = client.post("/v1/intake/jira-poll", headers=auth("n8n"), json={"trigger": "schedule"})
+    assert r.status_code == 200 and r.get_json()["skipped"] == "polling is disabled for this site"
+    # An explicit poll is always attempted; without Jira credentials it says so.
+    r = client.post("/v1/intake/jira-poll", headers=auth("ops"), json={})
+    assert r.status_code == 503 and r.get_json()["code"] == "jira_not_configured"
+    assert client.post("/v1/intake/jira-poll", headers=auth("n8n"), json={"trigger": "cron"}).status_code == 400

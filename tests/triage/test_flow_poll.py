@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import auth
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n"), pytest.mark.usefixtures("quiet_n8n")]
 
 
 def _runs(services: Any) -> list[dict[str, Any]]:

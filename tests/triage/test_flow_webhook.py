@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n"), pytest.mark.usefixtures("quiet_n8n")]
 
 HOOK = "metis-triage-jira"
 WORKFLOW = "metisTriageJira01"
