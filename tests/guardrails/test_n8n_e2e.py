@@ -126,3 +126,40 @@ def test_ops_kill_switch_workflow_engages_and_releases(stack):
         assert stack.services.get("guardrails", "/v1/kill-switch").json()["engaged"] is False
     finally:
         stack.services.post("guardrails", "/v1/kill-switch/release", json={"actor": "test", "reason": "cleanup"})
+
+
+def test_ops_form_in_a_real_browser_engages_the_kill_switch(stack, tmp_path):
+    """An ops user logs into n8n, allows the form to run as them, fills it in Chromium: the switch engages."""
+    from playwright.sync_api import sync_playwright
+
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page()
+            # Without a login the form is not even shown.
+            page.goto(f"{stack.n8n.url}/form/metis-kill-switch", wait_until="networkidle")
+            assert page.query_selector("#field-2") is None
+            page.goto(f"{stack.n8n.url}/signin?redirect=%2Fform%2Fmetis-kill-switch", wait_until="networkidle")
+            page.fill("input[name=emailOrLdapLoginId]", stack.n8n.owner_email)
+            page.fill("input[type=password]", stack.n8n.owner_password.get())
+            page.keyboard.press("Enter")
+            page.wait_for_url("**/form/metis-kill-switch")
+            page.goto(f"{stack.n8n.url}/form/metis-kill-switch", wait_until="networkidle")
+            page.get_by_role("button", name="Allow access").click()
+            page.wait_for_selector("#field-2")
+            page.select_option("#field-0", "engage")
+            page.fill("#field-1", "frank")
+            page.fill("#field-2", "loop in digest")
+            page.get_by_role("button", name="Submit").click()
+            deadline = time.monotonic() + 20
+            while not stack.services.get("guardrails", "/v1/kill-switch").json()["engaged"]:
+                assert time.monotonic() < deadline, _last_error(stack, "metisGrKillSw01")
+                time.sleep(0.1)
+            page.screenshot(path=str(tmp_path / "kill-switch-form-submitted.png"))
+            browser.close()
+        state = stack.services.get("guardrails", "/v1/kill-switch").json()
+        assert (state["actor"], state["reason"]) == ("n8n-form:frank", "loop in digest")
+        audit = stack.services.get("guardrails", "/v1/audit", params={"kind": "kill_switch.engaged"}).json()
+        assert audit[-1]["actor"] == "n8n-form:frank" and audit[-1]["data"]["via"] == "n8n"
+    finally:
+        stack.services.post("guardrails", "/v1/kill-switch/release", json={"actor": "test", "reason": "cleanup"})
