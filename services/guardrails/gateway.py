@@ -7,7 +7,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import psycopg
 import psycopg_pool
@@ -293,7 +293,8 @@ class Gateway:
             # Cannot happen while the bound holds; charge what was spent and make it loud.
             log.error("settled cost exceeds the reservation", extra={"cost": cost, "reserved": reserve_micros})
             m.OVERRUNS.inc()
-        audit = {"upstream_request_id": resp.headers.get("request-id"), "latency_ms": round(upstream_seconds * 1000, 1)}
+        audit: dict[str, Any] = {"upstream_request_id": resp.headers.get("request-id"),
+                                 "latency_ms": round(upstream_seconds * 1000, 1)}
         if usage is not None:
             audit.update({"usage": usage.__dict__, "cache_hit_tokens": usage.cache_read,
                           "cost_nanos_by_kind": kinds, "stop_reason": body.get("stop_reason")})
@@ -402,5 +403,3 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
         value = headers.get(name.lower())
     return value
 
-
-HeaderGetter = Callable[[str], str | None]

@@ -67,8 +67,9 @@ class LedgerCollector(Collector):
                 ks = kill_switch_state(conn)
                 hbs = heartbeat_list(conn=conn, policy=policy)
                 res = repo.reservations_open_summary(conn)
-                pending = conn.execute("SELECT count(*) AS n FROM guardrails.alert_outbox "
+                pending = conn.execute("SELECT count(*) FROM guardrails.alert_outbox "
                                        "WHERE delivered_at IS NULL").fetchone()
+                pending = tuple(pending.values()) if isinstance(pending, dict) else pending
         except Exception:  # a scrape reports the failure as a metric instead of failing the whole page
             log.warning("ledger metrics unavailable", exc_info=True)
             up.add_metric([], 0)
@@ -115,5 +116,5 @@ class LedgerCollector(Collector):
         amt.add_metric([], int(res["micros"]) / 1e6)
         yield amt
         outbox = GaugeMetricFamily("metis_alerts_pending", "Alerts queued and not yet delivered")
-        outbox.add_metric([], int(pending["n"]) if pending else 0)
+        outbox.add_metric([], int(pending[0]) if pending else 0)
         yield outbox

@@ -26,7 +26,8 @@ def audit_query(conn: psycopg.Connection[Any], *, run_id: str | None, task: str 
                 since: datetime | None, until: datetime | None, after_seq: int | None,
                 limit: int | None) -> Iterator[Row]:
     """Entries matching the filters, oldest first (a kind ending in '.' or '*' matches a prefix)."""
-    where, args = ["TRUE"], []
+    where: list[str] = ["TRUE"]
+    args: list[Any] = []
     if run_id:
         where.append("run_id = %s")
         args.append(run_id)
@@ -159,7 +160,8 @@ def run_finish(conn: psycopg.Connection[Any], run_id: uuid.UUID | str, *, status
 
 def run_list(conn: psycopg.Connection[Any], *, task: str | None, status: str | None, trigger: str | None,
              since: datetime | None, limit: int) -> list[Row]:
-    where, args = ["TRUE"], []
+    where: list[str] = ["TRUE"]
+    args: list[Any] = []
     for col, val in (("r.task", task), ("r.status", status), ("r.trigger", trigger)):
         if val:
             where.append(f"{col} = %s")
