@@ -1,6 +1,8 @@
 """The triage webhook flow in real n8n: Jira emulator → signed webhook → n8n → triage intake → run → triage."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from typing import Any
 
@@ -75,3 +77,28 @@ def test_signed_webhook_opens_one_run_and_triages_once_even_when_redelivered(sta
         response = conn.execute("SELECT response FROM triage.results").fetchone()[0]  # type: ignore[index]
     assert response["run_id"] == runs[0]["id"] and response["ticket_key"] == key
     assert response["mode"] == "offline"
+
+
+@pytest.mark.parametrize("body, code", [(b"", "malformed_body"), (b"[1, 2]", "malformed_body"),
+                                        (b'{"webhookEvent": "jira:issue_deleted", "issue": {}}', "unknown_event"),
+                                        (b'{"webhookEvent": "jira:issue_created"}', "missing_issue")])
+def test_bad_bodies_through_n8n_are_4xx_and_recorded(stack, emu, body: bytes, code: str) -> None:
+    n8n, services = stack.n8n, stack.services
+    r = n8n.webhook(HOOK, data=body, headers=_signed_headers(emu, body))
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert _intake(services.database_url) == [("rejected", code, None)]
+    assert _results(services.database_url) == []
+
+
+def test_unparseable_json_is_refused_by_n8n_itself(stack, emu) -> None:
+    # n8n's body parser answers 422 before any workflow starts, so triage never sees it (n8n logs it).
+    n8n, services = stack.n8n, stack.services
+    body = b"{not json"
+    r = n8n.webhook(HOOK, data=body, headers=_signed_headers(emu, body))
+    assert r.status_code == 422 and "Failed to parse request body" in r.text
+    assert _intake(services.database_url) == [] and _results(services.database_url) == []
+
+
+def _signed_headers(emu: Any, body: bytes) -> dict[str, str]:
+    sig = "sha256=" + hmac.new(emu.jira_webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+    return {"Content-Type": "application/json", "X-Hub-Signature": sig, "X-Atlassian-Webhook-Identifier": "bad-1"}
