@@ -16,7 +16,8 @@ from shared.errors import problem_response
 from shared.settings import Settings
 from shared.web import create_service_app
 
-from . import service
+from . import actions, service
+from .actions_api import actions_api
 from .api import GATEWAY_PATHS, api, gateway_api
 from .gateway import Gateway
 from .metrics import LedgerCollector
@@ -47,7 +48,7 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
     pool = ConnectionPool(settings.database_url, min_size=2, max_size=int(extra.get("METIS_DB_POOL_SIZE", "12")),
                           kwargs={"row_factory": dict_row, "autocommit": True}, open=False, name="guardrails",
                           timeout=float(extra.get("METIS_DB_POOL_TIMEOUT", "3")), configure=configure)
-    app = create_service_app(settings, apis=[api, gateway_api], pool=pool, public_paths=GATEWAY_PATHS)
+    app = create_service_app(settings, apis=[api, gateway_api, actions_api], pool=pool, public_paths=GATEWAY_PATHS)
     state = app.extensions["metis"].state
 
     @app.errorhandler(psycopg.OperationalError)
@@ -63,8 +64,11 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
     state["policies"] = store
     state["gateway"] = Gateway(pool=pool, policies=store,
                                upstream_url=extra.get("METIS_ANTHROPIC_URL", "https://api.anthropic.com"),
-                               api_key=key, timeout=float(extra.get("METIS_ANTHROPIC_TIMEOUT", "600")))
+                               api_key=key, timeout=float(extra.get("METIS_ANTHROPIC_TIMEOUT", "600")),
+                               durable=sync_commit == "on")
     state["metrics_collectors"] = [LedgerCollector(pool, store)]
+    state["actions"] = actions.ActionService(pool=pool, policies=store,
+                                             executors=actions.executors_from_settings(settings))
 
     if background is None:
         # Default: on in served processes (gunicorn workers), off in an app built inside a test or a script.
@@ -73,6 +77,9 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
     if run_background:
         state["background"] = _background(pool, store, settings)
         state["background"].start()
+        # Writes and n8n hand-offs run on their own thread: a slow Jira never delays the budget sweeper.
+        state["actions_background"] = actions.background(state["actions"], settings)
+        state["actions_background"].start()
     return app
 
 

@@ -155,7 +155,7 @@ class Gateway:
     """One instance per worker; thread-safe (the run cache holds only immutable facts: task and trigger)."""
 
     def __init__(self, *, pool: ConnectionPool, policies: PolicyStore, upstream_url: str, api_key: str,
-                 timeout: float = 600.0, http: urllib3.PoolManager | None = None) -> None:
+                 timeout: float = 600.0, http: urllib3.PoolManager | None = None, durable: bool = True) -> None:
         self._pool = pool
         self._policies = policies
         self._upstream = upstream_url.rstrip("/")
@@ -163,6 +163,7 @@ class Gateway:
         self._timeout = urllib3.Timeout(connect=5.0, read=timeout)
         self._http = http or urllib3.PoolManager(num_pools=4, maxsize=64, retries=False)
         self._runs: dict[str, tuple[str, str]] = {}
+        self._durable = durable
 
     # -------------------------------------------------------------- messages
 
@@ -231,6 +232,9 @@ class Gateway:
                              amount_micros=reserve_micros, tokens=reserve_tokens, caps=period_caps(policy, task),
                              timeout_seconds=policy.reservation_timeout_seconds,
                              audit={"trigger": trigger, "max_tokens": max_tokens, "input_bound": bound})
+            if r["ok"] and self._durable:
+                # The reservation must be on disk before money can be spent; flushed here, outside the cap locks.
+                repo.flush_wal(conn)
         if not r["ok"]:
             reason = r["reason"]
             if reason == "unknown_run":

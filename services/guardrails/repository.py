@@ -199,6 +199,12 @@ def reserve(conn: psycopg.Connection[Any], *, reservation_id: uuid.UUID, run_id:
     return dict(row["r"])
 
 
+def flush_wal(conn: psycopg.Connection[Any]) -> None:
+    """Return only once everything this session committed is on disk: a transaction with an xid commits
+    under synchronous_commit=on, which flushes the WAL up to its own (later) commit record."""
+    conn.execute("SELECT pg_current_xact_id()")
+
+
 def settle(conn: psycopg.Connection[Any], *, reservation_id: uuid.UUID | str, state: str, cost_micros: int,
            used_tokens: int, thresholds: Sequence[int], audit_kind: str, audit: dict[str, Any]) -> dict[str, Any]:
     """Close a reservation: settled / released / expired (see migration 0002 `settle`)."""
