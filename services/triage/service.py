@@ -720,11 +720,12 @@ def submit(response: Mapping[str, Any], guardrails: Any) -> dict[str, Any]:
         answer = guardrails.propose(dict(p))
         actions.append({"connector": p["connector"], "operation": p["operation"], "target": p["target"],
                         "idempotency_key": p["idempotency_key"], **{k: answer.get(k) for k in (
-                            "id", "status", "approval_id", "rule", "expires_at", "reason") if k in answer}})
+                            "id", "status", "approval_id", "rule", "mode", "policy_reason", "expires_at")
+                            if k in answer}})
     escalation = None
     if response.get("escalation"):
         answer = guardrails.escalate(dict(response["escalation"]))
-        escalation = {k: answer.get(k) for k in ("id", "status") if k in answer}
+        escalation = {k: answer.get(k) for k in ("id", "status", "subject") if k in answer}
     return {"actions": actions, "escalation": escalation}
 
 
