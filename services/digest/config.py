@@ -57,10 +57,13 @@ class JiraConfig:
     duplicate_link_type: str
     page_size: int
 
-    def fields(self) -> list[str]:
-        """The Jira fields every job needs (custom fields only when configured)."""
-        base = ["summary", "description", "status", "priority", "created", "updated", "resolutiondate",
-                "labels", "components", "issuelinks", "assignee", "reporter", "issuetype", "project"]
+    def fields(self, *, description: bool = False) -> list[str]:
+        """The Jira fields a job needs (custom fields only when configured). Descriptions are the bulk of a
+        search response, so only pattern detection, which embeds them, asks for them."""
+        base = ["summary", "status", "priority", "created", "updated", "resolutiondate",
+                "labels", "components", "issuelinks", "assignee"]
+        if description:
+            base.append("description")
         extra = [self.client_field, self.flagged_field, self.reopen_count_field, self.status_since_field]
         return base + [f for f in extra if f and f not in base]
 

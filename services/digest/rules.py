@@ -90,19 +90,44 @@ class ScoredTicket:
     clients: tuple[str, ...]
 
 
-def _part(name: str, value: float, cap: float, weight: float, explanation: str) -> ScorePart:
-    norm = 0.0 if cap <= 0 else min(1.0, max(0.0, value / cap))
-    return ScorePart(name, round(value, 2), round(norm, 4), weight, round(norm * weight, 2), explanation)
+def _norm(value: float, cap: float) -> float:
+    return 0.0 if cap <= 0 else min(1.0, max(0.0, value / cap))
+
+
+PART_NAMES = ("priority", "age", "staleness", "clients", "duplicates", "reopenings", "customer_value")
+
+
+def _explain(t: Ticket, name: str, value: float, cap: float) -> str:
+    if name == "priority":
+        return f"priority {t.priority or 'none'} counts {value:g}"
+    if name == "age":
+        return f"open {value:.0f} days (full at {cap:g})"
+    if name == "staleness":
+        return f"no update for {value:.0f} days (full at {cap:g})"
+    if name == "clients":
+        return f"{value:g} client(s) affected (full at {cap:g})"
+    if name == "duplicates":
+        return f"{value:g} duplicate report(s) (full at {cap:g})"
+    if name == "reopenings":
+        return f"reopened {value:g} time(s) (full at {cap:g})"
+    if cap:
+        return f"affected clients' value {value:,.0f} vs largest account {cap:,.0f}"
+    return "no customer value known (Salesforce not configured or no matching account)"
 
 
 def attention_scores(tickets: Sequence[Ticket], rules: WeeklyRules, now: datetime, *,
-                     customer_value: Mapping[str, float] | None = None) -> list[ScoredTicket]:
-    """Score every open ticket (0..100 = sum of weight × normalised part), highest first."""
+                     customer_value: Mapping[str, float] | None = None,
+                     limit: int | None = None) -> list[ScoredTicket]:
+    """Score every open ticket (0..100 = sum of weight × normalised part), highest first; with `limit`, only
+    the top ones are returned (the parts are spelled out only for those)."""
     customer_value = customer_value or {}
     top_value = max(customer_value.values(), default=0.0)
     clients_of = {t.key: t.clients for t in tickets}
     w, caps = rules.weights, rules.caps
-    scored: list[ScoredTicket] = []
+    weights = tuple(w[n] for n in PART_NAMES)
+    part_caps = (1.0, caps["age_days"], caps["stale_days"], caps["clients"], caps["duplicates"], caps["reopenings"],
+                 top_value)
+    rows: list[tuple[float, float, str, Ticket, tuple[str, ...], tuple[float, ...]]] = []
     for t in tickets:
         if not t.is_open:
             continue
@@ -111,27 +136,18 @@ def attention_scores(tickets: Sequence[Ticket], rules: WeeklyRules, now: datetim
         for dup in t.duplicated_by:
             clients.extend(clients_of.get(dup, ()))
         clients_t = tuple(dict.fromkeys(clients))
-        prio_points = rules.priority_points.get(t.priority or "", rules.priority_points_default)
-        age = days_between(t.created, now)
-        idle = days_between(t.updated, now)
-        value = sum(customer_value.get(c, 0.0) for c in clients_t)
-        parts = (
-            ScorePart("priority", prio_points, prio_points, w["priority"], round(prio_points * w["priority"], 2),
-                      f"priority {t.priority or 'none'} counts {prio_points:g}"),
-            _part("age", age, caps["age_days"], w["age"], f"open {age:.0f} days (full at {caps['age_days']:g})"),
-            _part("staleness", idle, caps["stale_days"], w["staleness"],
-                  f"no update for {idle:.0f} days (full at {caps['stale_days']:g})"),
-            _part("clients", len(clients_t), caps["clients"], w["clients"],
-                  f"{len(clients_t)} client(s) affected (full at {caps['clients']:g})"),
-            _part("duplicates", len(t.duplicated_by), caps["duplicates"], w["duplicates"],
-                  f"{len(t.duplicated_by)} duplicate report(s) (full at {caps['duplicates']:g})"),
-            _part("reopenings", t.reopen_count, caps["reopenings"], w["reopenings"],
-                  f"reopened {t.reopen_count} time(s) (full at {caps['reopenings']:g})"),
-            _part("customer_value", value, top_value, w["customer_value"],
-                  (f"affected clients' value {value:,.0f} vs largest account {top_value:,.0f}" if top_value
-                   else "no customer value known (Salesforce not configured or no matching account)")),
-        )
-        score = round(sum(p.points for p in parts), 2)
-        scored.append(ScoredTicket(t, score, parts, clients_t))
-    scored.sort(key=lambda s: (-s.score, -s.parts[0].value, s.ticket.key))
-    return scored
+        raw: tuple[float, ...] = (rules.priority_points.get(t.priority or "", rules.priority_points_default),
+               days_between(t.created, now), days_between(t.updated, now), float(len(clients_t)),
+               float(len(t.duplicated_by)), float(t.reopen_count),
+               float(sum(customer_value.get(c, 0.0) for c in clients_t)))
+        # Points are rounded per part exactly as shown, so the shown parts add up to the score.
+        score = round(sum(round(_norm(v, c) * wt, 2) for v, c, wt in zip(raw, part_caps, weights)), 2)
+        rows.append((score, raw[0], t.key, t, clients_t, raw))
+    rows.sort(key=lambda r: (-r[0], -r[1], r[2]))
+    out = []
+    for score, _, _, t, clients_t, values in rows[:limit] if limit is not None else rows:
+        parts = tuple(ScorePart(name, round(v, 2), round(_norm(v, c), 4), wt, round(_norm(v, c) * wt, 2),
+                                _explain(t, name, v, c))
+                      for name, v, c, wt in zip(PART_NAMES, values, part_caps, weights))
+        out.append(ScoredTicket(t, score, parts, clients_t))
+    return out

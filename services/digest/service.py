@@ -12,7 +12,8 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import psycopg
@@ -68,13 +69,28 @@ def ticket_url(deps: Deps, key: str) -> str | None:
     return f"{base.rstrip('/')}/browse/{key}" if base else None
 
 
-def fetch_tickets(deps: Deps, jql: str) -> tuple[list[Ticket], int]:
+class Timer:
+    """Wall time per phase of a job (reported in the digest's data, so slow sources are visible)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - t0, 3)
+
+
+def fetch_tickets(deps: Deps, jql: str, *, description: bool = False) -> tuple[list[Ticket], int]:
     """Every issue of the JQL as Tickets (all pages); the count of issues read."""
     jira = deps.sources.require_jira()
     cfg = deps.config.jira
     out: dict[str, Ticket] = {}
     n = 0
-    for issue in iter_issues(jira, jql, cfg.fields(), cfg.page_size):
+    for issue in iter_issues(jira, jql, cfg.fields(description=description), cfg.page_size):
         n += 1
         t = ticket_from_issue(issue, cfg)
         out[t.key] = t
@@ -213,13 +229,16 @@ def run_monitor(deps: Deps, req: JobRequest) -> dict[str, Any]:
     rules: MonitorRules = deps.config.with_overrides("monitor", req.overrides)
     jql = req.jql or rules.jql
     as_of = req.as_of()
-    tickets, scanned = fetch_tickets(deps, jql)
-    findings = evaluate_monitor(tickets, rules, as_of)
+    timer = Timer()
+    with timer("jira"):
+        tickets, scanned = fetch_tickets(deps, jql)
+    with timer("rules"):
+        findings = evaluate_monitor(tickets, rules, as_of)
     counts = Counter(r.rule for f in findings for r in {r.rule: r for r in f.reasons}.values())
     metrics.export_findings(dict(counts))
     digest_id = uuid.uuid4()
     listed = findings[:MAX_LISTED_FINDINGS]
-    data = {"scanned": scanned, "findings_total": len(findings), "counts": dict(counts),
+    data = {"scanned": scanned, "findings_total": len(findings), "counts": dict(counts), "timings": timer.seconds,
             "findings": [{**_ticket_brief(deps, f.ticket), "days_since_update": round(f.days_since_update, 1),
                           "reasons": [asdict(r) for r in f.reasons]} for f in listed]}
     shown = findings[:min(rules.show, MAX_ITEMS)]
@@ -271,22 +290,27 @@ def run_weekly(deps: Deps, req: JobRequest) -> dict[str, Any]:
     rules: WeeklyRules = deps.config.with_overrides("weekly", req.overrides)
     jql = req.jql or rules.jql
     as_of = req.as_of()
-    tickets, scanned = fetch_tickets(deps, jql)
-    accounts, _ = fetch_accounts(deps)
+    timer = Timer()
+    with timer("jira"):
+        tickets, scanned = fetch_tickets(deps, jql)
+    with timer("salesforce"):
+        accounts, _ = fetch_accounts(deps)
     value = {a.client: a.value for a in accounts if a.value is not None}
-    scored = attention_scores(tickets, rules, as_of, customer_value=value)
-    top = scored[:rules.limit]
+    with timer("score"):
+        top = attention_scores(tickets, rules, as_of, customer_value=value, limit=rules.limit)
+    open_count = sum(1 for t in tickets if t.is_open)
     digest_id = uuid.uuid4()
-    data = {"scanned": scanned, "open": len(scored), "limit": rules.limit, "weights": dict(rules.weights),
+    data = {"scanned": scanned, "open": open_count, "limit": rules.limit, "weights": dict(rules.weights),
             "caps": dict(rules.caps), "customer_value_source": "salesforce" if deps.sources.salesforce else None,
+            "timings": timer.seconds,
             "tickets": [_scored_brief(deps, s) for s in top]}
-    facts = {"week_ending": f"{as_of:%Y-%m-%d}", "open_defects": len(scored), "listed": len(top),
+    facts = {"week_ending": f"{as_of:%Y-%m-%d}", "open_defects": open_count, "listed": len(top),
              "score_weights": dict(rules.weights),
              "tickets": [{"key": s.ticket.key, "summary": s.ticket.summary, "priority": s.ticket.priority,
                           "status": s.ticket.status, "score": s.score, "clients": list(s.clients),
                           "score_parts": {p.name: p.points for p in s.parts if p.points > 0},
                           "why": [p.explanation for p in s.parts if p.points > 0]} for s in top]}
-    offline = _weekly_text(top, len(scored))
+    offline = _weekly_text(top, open_count)
     narrative = _narrate(deps, req, facts=facts, keys={s.ticket.key for s in top}, offline=offline)
     report = Report(
         kind="weekly", title=f"Weekly digest — the {len(top)} defects that need attention ({as_of:%Y-%m-%d})",
@@ -297,7 +321,7 @@ def run_weekly(deps: Deps, req: JobRequest) -> dict[str, Any]:
         items=tuple(_scored_item(deps, s) for s in top),
         empty_text="No open defects.", footer=_footer(digest_id))
     params = {"jql": jql, "rules": deps.config.raw["weekly"] | (req.overrides or {}), "narrative": req.narrative}
-    summary = {"scanned": scanned, "open": len(scored), "listed": len(top),
+    summary = {"scanned": scanned, "open": open_count, "listed": len(top),
                "top": [{"key": s.ticket.key, "score": s.score} for s in top[:3]]}
     return _archive(deps, digest_id=digest_id, kind="weekly", req=req, as_of=as_of, params=params,
                     summary=summary, data=data, report=report, narrative=narrative)
@@ -338,42 +362,50 @@ def _weekly_text(top: Sequence[ScoredTicket], open_count: int) -> str:
 
 # --------------------------------------------------------------------------- patterns
 
+EMBED_CHUNK = 2000  # vectors stored per transaction: a first run cut short still leaves progress behind
+
+
 def embed_tickets(deps: Deps, tickets: Sequence[Ticket], rules: PatternRules) -> tuple[np.ndarray, int, int]:
-    """Vectors for the tickets, reusing cached ones whose text is unchanged; (vectors, new, cached)."""
+    """Vectors for the tickets, reusing cached ones whose text is unchanged; (vectors, embedded, cached).
+
+    Identical texts (the same summary from several clients) are embedded once."""
     if deps.embedder is None:
         raise SourceUnavailable("no embedding model is configured", extra={"source": "embedder"})
     try:
         embedder = deps.embedder()
     except EmbedderUnavailable as exc:
         raise SourceUnavailable(str(exc), extra={"source": "embedder"}) from exc
+    if not tickets:
+        return np.zeros((0, embedder.dim), dtype=np.float32), 0, 0
     texts = [pattern_text(t, rules.description_chars) for t in tickets]
     hashes = [hashlib.sha256(x.encode()).digest()[:16] for x in texts]
     keys = [t.key for t in tickets]
     with deps.pool.connection() as conn:
         cached = repository.cached_embeddings(conn, model=embedder.name, keys=keys)
-    missing = [i for i, (k, h) in enumerate(zip(keys, hashes)) if k not in cached or cached[k][0] != h]
-    dim = 0
-    vecs: list[np.ndarray | None] = [None] * len(tickets)
-    for i, k in enumerate(keys):
-        if k in cached and cached[k][0] == hashes[i]:
-            vecs[i] = cached[k][1]
-            dim = len(cached[k][1])
-    if missing:
+    out = np.zeros((len(tickets), embedder.dim), dtype=np.float32)
+    by_hash: dict[bytes, list[int]] = {}
+    for i, (k, h) in enumerate(zip(keys, hashes)):
+        hit = cached.get(k)
+        if hit is not None and hit[0] == h:
+            out[i] = hit[1]
+        else:
+            by_hash.setdefault(h, []).append(i)
+    todo = list(by_hash.values())
+    for start in range(0, len(todo), EMBED_CHUNK):
+        chunk = todo[start:start + EMBED_CHUNK]
         try:
-            new = np.asarray(embedder.embed([texts[i] for i in missing]), dtype=np.float32)
+            vecs = np.asarray(embedder.embed([texts[group[0]] for group in chunk]), dtype=np.float32)
         except EmbedderUnavailable as exc:
             raise SourceUnavailable(str(exc), extra={"source": "embedder"}) from exc
-        dim = new.shape[1]
-        for j, i in enumerate(missing):
-            vecs[i] = new[j]
-        # The cache is its own unit of work: vectors are correct whether or not this job finishes.
+        rows = []
+        for group, vec in zip(chunk, vecs):
+            out[group] = vec
+            rows += [(keys[i], hashes[i], vec) for i in group]
+        # The cache is its own unit of work: vectors are right whether or not this job finishes.
         with transaction(deps.pool) as conn:
-            repository.store_embeddings(conn, model=embedder.name,
-                                        rows=[(keys[i], hashes[i], new[j]) for j, i in enumerate(missing)])
-    if not tickets:
-        return np.zeros((0, 1), dtype=np.float32), 0, 0
-    return np.vstack([v for v in vecs if v is not None]).reshape(len(tickets), dim), len(missing), \
-        len(tickets) - len(missing)
+            repository.store_embeddings(conn, model=embedder.name, rows=rows)
+    missing = sum(len(g) for g in todo)
+    return out, missing, len(tickets) - missing
 
 
 @_timed("patterns")
@@ -388,15 +420,15 @@ def run_patterns(deps: Deps, req: JobRequest) -> dict[str, Any]:
     prev_start = start - timedelta(days=rules.window_days)
     jql = jql_and(base, f"created >= {jql_time(prev_start)}", f"created < {jql_time(as_of)}",
                   order_by="created ASC")
-    tickets, scanned = fetch_tickets(deps, jql)
+    timer = Timer()
+    with timer("jira"):
+        tickets, scanned = fetch_tickets(deps, jql, description=rules.description_chars > 0)
     current = [t for t in tickets if start <= t.created < as_of]
     previous = [t for t in tickets if prev_start <= t.created < start]
-    t0 = time.perf_counter()
-    vecs, new, cached = embed_tickets(deps, current + previous, rules)
-    t_embed = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    patterns = find_patterns(current, vecs[:len(current)], previous, vecs[len(current):], rules)
-    t_cluster = time.perf_counter() - t0
+    with timer("embed"):
+        vecs, new, cached = embed_tickets(deps, current + previous, rules)
+    with timer("cluster"):
+        patterns = find_patterns(current, vecs[:len(current)], previous, vecs[len(current):], rules)
     trends = Counter(p.trend for p in patterns)
     metrics.export_patterns(dict(trends))
     digest_id = uuid.uuid4()
@@ -404,8 +436,7 @@ def run_patterns(deps: Deps, req: JobRequest) -> dict[str, Any]:
     data = {"window": {"start": start.isoformat(), "end": as_of.isoformat(), "days": rules.window_days},
             "previous_window": {"start": prev_start.isoformat(), "end": start.isoformat()},
             "scanned": {"current": len(current), "previous": len(previous), "read": scanned},
-            "embedded": {"new": new, "cached": cached}, "timings": {"embed_s": round(t_embed, 3),
-                                                                   "cluster_s": round(t_cluster, 3)},
+            "embedded": {"new": new, "cached": cached}, "timings": timer.seconds,
             "similarity": rules.similarity, "patterns": [_pattern_brief(deps, p) for p in patterns]}
     facts = {"window_days": rules.window_days, "tickets_in_window": len(current),
              "patterns": [{"representative": p.representative.key, "summary": p.representative.summary,
@@ -477,15 +508,19 @@ def run_health(deps: Deps, req: JobRequest) -> dict[str, Any]:
     as_of = req.as_of()
     since = as_of - timedelta(days=rules.lookback_days)
     jql = jql_and(base, f"statusCategory != Done OR resolved >= {jql_time(since)}")
-    tickets, scanned = fetch_tickets(deps, jql)
-    accounts, _ = fetch_accounts(deps)
-    cases = cases_from_records(fetch_cases(deps)) if deps.sources.salesforce else []
+    timer = Timer()
+    with timer("jira"):
+        tickets, scanned = fetch_tickets(deps, jql)
+    with timer("salesforce"):
+        accounts, _ = fetch_accounts(deps)
+        cases = cases_from_records(fetch_cases(deps)) if deps.sources.salesforce else []
     docs: dict[str, DocState] = {}
     wanted = set(req.clients) if req.clients else None
-    if deps.sources.confluence is not None:
-        for a in accounts:
-            if a.config_page_id and (wanted is None or a.client in wanted) and a.config_page_id not in docs:
-                docs[a.config_page_id] = fetch_doc(deps, a.config_page_id)
+    with timer("confluence"):
+        if deps.sources.confluence is not None:
+            for a in accounts:
+                if a.config_page_id and (wanted is None or a.client in wanted) and a.config_page_id not in docs:
+                    docs[a.config_page_id] = fetch_doc(deps, a.config_page_id)
     scores = health_scores(tickets, rules, as_of, accounts=accounts, cases=cases, docs=docs,
                            salesforce_configured=deps.sources.salesforce is not None,
                            confluence_configured=deps.sources.confluence is not None, clients=req.clients)
@@ -495,7 +530,7 @@ def run_health(deps: Deps, req: JobRequest) -> dict[str, Any]:
     digest_id = uuid.uuid4()
     data = {"clients": rows, "sources": {"jira": True, "salesforce": deps.sources.salesforce is not None,
                                          "confluence": deps.sources.confluence is not None},
-            "weights": dict(rules.weights), "scanned": scanned}
+            "weights": dict(rules.weights), "scanned": scanned, "timings": timer.seconds}
     offline = _health_text(rows)
     facts = {"clients": [{"client": r["client"], "score": r["score"], "previous_score": r["previous_score"],
                           "weakest": [c["explanation"] for c in sorted(

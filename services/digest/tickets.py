@@ -156,7 +156,8 @@ def ticket_from_issue(issue: dict[str, Any], cfg: JiraConfig) -> Ticket:
         status_category=status_category,
         priority=_name(f.get("priority")),
         issue_type=_name(f.get("issuetype")),
-        project=_name((f.get("project") or {}).get("key") if isinstance(f.get("project"), dict) else None),
+        # The project is the key's prefix; asking Jira for the project object would only add bytes.
+        project=key.rsplit("-", 1)[0],
         created=created,
         updated=updated,
         resolved=parse_time(f.get("resolutiondate")),
