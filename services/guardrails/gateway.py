@@ -234,7 +234,7 @@ class Gateway:
                              audit={"trigger": trigger, "max_tokens": max_tokens, "input_bound": bound})
             if r["ok"] and self._durable:
                 # The reservation must be on disk before money can be spent; flushed here, outside the cap locks.
-                repo.flush_wal(conn)
+                repo.make_durable(conn, reservation_id)
         if not r["ok"]:
             reason = r["reason"]
             if reason == "unknown_run":

@@ -199,10 +199,12 @@ def reserve(conn: psycopg.Connection[Any], *, reservation_id: uuid.UUID, run_id:
     return dict(row["r"])
 
 
-def flush_wal(conn: psycopg.Connection[Any]) -> None:
-    """Return only once everything this session committed is on disk: a transaction with an xid commits
-    under synchronous_commit=on, which flushes the WAL up to its own (later) commit record."""
-    conn.execute("SELECT pg_current_xact_id()")
+def make_durable(conn: psycopg.Connection[Any], reservation_id: uuid.UUID) -> None:
+    """Return only once the reservation (committed asynchronously by `reserve`) is on disk.
+
+    A transaction that writes WAL commits under this session's synchronous_commit=on, which flushes the WAL
+    up to its own, later, commit record. (An xid alone writes no WAL and would not flush: it must write.)"""
+    conn.execute("UPDATE guardrails.reservations SET created_at = created_at WHERE id = %s", (reservation_id,))
 
 
 def settle(conn: psycopg.Connection[Any], *, reservation_id: uuid.UUID | str, state: str, cost_micros: int,

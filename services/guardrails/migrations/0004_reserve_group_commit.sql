@@ -16,7 +16,7 @@ DECLARE
     v_avail bigint;
 BEGIN
     -- The caller makes the reservation durable right after this commit with a separate flush
-    -- (gateway: `SELECT pg_current_xact_id()` under synchronous_commit=on) before it forwards anything.
+    -- (gateway: repository.make_durable, a write committed under synchronous_commit=on) before it forwards.
     -- So this commit need not wait for the disk while it holds the hot cap-row locks: concurrent
     -- reservations are serialised only by the CPU work below, and their flushes are group-committed.
     PERFORM set_config('synchronous_commit', 'off', true);
