@@ -24,7 +24,7 @@ def issue(key: str, *, summary: str = "Payslip PDF is blank", priority: str | No
           labels: list[str] | None = None, flagged: bool = False, reopens: int | None = None,
           blocked_by: list[tuple[str, str]] | None = None, duplicated_by: list[str] | None = None,
           description: str = "", resolved: float | None = None, components: list[str] | None = None,
-          assignee: str | None = None) -> dict[str, Any]:
+          assignee: str | None = None, status_since: float | None = None) -> dict[str, Any]:
     """One issue; `created`/`updated`/`resolved` are days before NOW; blocked_by is [(key, status)]."""
     links: list[dict[str, Any]] = []
     for other, st in blocked_by or []:
@@ -55,6 +55,8 @@ def issue(key: str, *, summary: str = "Payslip PDF is blank", priority: str | No
         "customfield_10021": [{"value": "Impediment"}] if flagged else None,
         "customfield_10102": reopens,
     }
+    if status_since is not None:
+        fields["statuscategorychangedate"] = ts(status_since)
     return {"id": str(abs(hash(key)) % 100000), "key": key, "fields": fields}
 
 

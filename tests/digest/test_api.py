@@ -221,3 +221,12 @@ def test_patterns_cluster_across_clients_with_trend(client, emu):
                         headers=auth()).get_json()["data"]
     assert again["embedded"] == {"new": 0, "cached": 9}  # unchanged tickets are never embedded twice
     assert again["patterns"][0]["tickets"] == p["tickets"]
+
+
+def test_openapi_describes_every_job(client):
+    spec = client.get("/openapi.json").get_json()
+    for path in ("/v1/monitor", "/v1/digests", "/v1/patterns", "/v1/health-scores"):
+        assert "post" in spec["paths"][path], path
+    assert "get" in spec["paths"]["/v1/digests/{digest_id}"] and "get" in spec["paths"]["/v1/health-scores"]
+    body = spec["paths"]["/v1/digests"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body  # generated from WeeklyCreate

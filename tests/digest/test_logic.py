@@ -56,6 +56,15 @@ def test_monitor_rules_per_priority_with_reasons():
     assert evaluate_monitor(tickets, rules, NOW)[0].ticket.key == "PAY-3"
 
 
+def test_waiting_time_counts_from_the_status_change_when_jira_reports_it():
+    # Updated yesterday (a comment), but waiting on the customer for 9 days: still waiting too long.
+    t = ticket("SUP-1", status="Waiting for Customer", updated=1, status_since=9)
+    (f,) = evaluate_monitor([t], CONFIG.monitor, NOW)
+    assert [r.rule for r in f.reasons] == ["waiting"] and "for 9.0 days" in f.reasons[0].detail
+    assert not evaluate_monitor([ticket("SUP-2", status="Waiting for Customer", updated=9, status_since=2)],
+                                CONFIG.with_overrides("monitor", {"stale_days": {"Medium": 30}}), NOW)
+
+
 def test_monitor_overrides_change_the_rules():
     rules = CONFIG.with_overrides("monitor", {"stale_days": {"Low": 2}, "waiting_days": 10})
     tickets = [ticket("PAY-2", priority="Low", updated=4),
