@@ -13,6 +13,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from marshmallow import Schema, ValidationError, fields, validate
 
+from .actions_policy import ActionPolicy, ActionsSchema, build_action_policy
+
 MICROS_PER_USD = 1_000_000
 NANOS_PER_MICRO = 1_000
 TOKEN_KINDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
@@ -138,8 +140,8 @@ class PolicySchema(Schema):
                         required=True, validate=validate.Length(min=1))
     heartbeats = fields.Dict(keys=fields.String(validate=validate.Regexp(_NAME)),
                              values=fields.Nested(HeartbeatSchema), load_default=dict)
-    # Issue 4 (write allowlist, approvals) adds its own section; kept opaque here so it can slot in.
-    actions = fields.Dict(load_default=dict)
+    # The write allowlist, approvals and execution limits (actions_policy.py).
+    actions = fields.Nested(ActionsSchema, load_default=lambda: ActionsSchema().load({}))
 
 
 
@@ -195,7 +197,7 @@ class Policy:
     tasks: Mapping[str, TaskPolicy]
     heartbeats: Mapping[str, Heartbeat]
     prices: Mapping[str, Price]
-    actions: Mapping[str, Any]
+    actions: ActionPolicy
     digest: str
     raw: Mapping[str, Any] = field(repr=False)
 
@@ -281,6 +283,10 @@ def build_policy(policy_doc: Any, prices_doc: Any, *, source: str = "") -> Polic
                                "schedule and scheduled_tiers excludes it"))
         if task["run_cap"]["usd"] > task["daily_usd"]:
             errors.append((f"policy.tasks.{name}.run_cap.usd", "exceeds the task's daily_usd"))
+    for i, rule in enumerate(pol["actions"]["rules"]):
+        for j, task in enumerate(rule.get("tasks") or []):
+            if task not in pol["tasks"]:
+                errors.append((f"policy.actions.rules.{i}.tasks.{j}", f"unknown task {task!r}"))
     if pol["limits"]["daily_usd"] > pol["limits"]["monthly_usd"]:
         errors.append(("policy.limits.daily_usd", "exceeds limits.monthly_usd"))
     if errors:
@@ -307,7 +313,7 @@ def build_policy(policy_doc: Any, prices_doc: Any, *, source: str = "") -> Polic
         heartbeats={name: Heartbeat(name, h["interval_seconds"], h["grace_seconds"])
                     for name, h in pol["heartbeats"].items()},
         prices=prices,
-        actions=dict(pol["actions"]),
+        actions=build_action_policy(pol["actions"]),
         digest=digest,
         raw={"policy": policy_doc, "prices": prices_doc, "source": source},
     )

@@ -75,6 +75,20 @@ class JiraClient:
         return self._call("POST", f"/rest/api/3/issue/{key}/comment", json=payload,  # type: ignore[no-any-return]
                           expect=(201,))
 
+    def comments(self, key: str, *, newest_first: bool = True, page_size: int = 100,
+                 max_pages: int = 10) -> Iterator[dict[str, Any]]:
+        """Comments of an issue (ADF bodies), newest first by default, at most max_pages pages."""
+        start = 0
+        for _ in range(max_pages):
+            page = self._call("GET", f"/rest/api/3/issue/{key}/comment",
+                              params={"startAt": start, "maxResults": page_size,
+                                      "orderBy": "-created" if newest_first else "created"})
+            items = page.get("comments", [])
+            yield from items
+            start += len(items)
+            if not items or start >= int(page.get("total", 0)):
+                return
+
     def add_labels(self, key: str, labels: Sequence[str]) -> None:
         self._call("PUT", f"/rest/api/3/issue/{key}", json={"update": {"labels": [{"add": lb} for lb in labels]}},
                    expect=(204,))
