@@ -52,8 +52,9 @@ class Writes:
 
     def decide(self, action_id: str, decision: str = "approve", approver: str = "alice@example.com",
                caller: str = "n8n", **extra: Any) -> requests.Response:
+        headers = extra.pop("headers", {})
         body = {"decision": decision, "approver": approver, "channel": "test", **extra}
-        return self.call("POST", f"/v1/actions/{action_id}/decision", caller=caller, json=body)
+        return self.call("POST", f"/v1/actions/{action_id}/decision", caller=caller, json=body, headers=headers)
 
     def issue(self, project: str = "SUP", summary: str = "Kiosk clock-in one hour late") -> str:
         return str(self.emu.jira_seed([{"project": project, "summary": summary}])[0])
