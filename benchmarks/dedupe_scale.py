@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -141,13 +142,17 @@ def run(url: str, args: argparse.Namespace) -> None:
             startup = time.perf_counter() - t0
             s = requests.Session()
             s.headers["Authorization"] = f"Bearer {token}"
+            s.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=8))
             # Indexing through the API with 100k already indexed: 512 new tickets (real texts, new keys).
             new = [{**{k: v for k, v in t.items() if not k.startswith("_")}, "key": f"NEW-{j}"}
                    for j, t in enumerate(real[::max(1, len(real) // 512)][:512])]
-            t1 = time.perf_counter()
-            for i in range(0, len(new), 64):
-                r = s.post(proc.url + "/v1/tickets", json={"tickets": new[i:i + 64]}, timeout=300)
+            def send(chunk: list[dict[str, object]]) -> None:
+                r = s.post(proc.url + "/v1/tickets", json={"tickets": chunk}, timeout=300)
                 r.raise_for_status()
+
+            t1 = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=args.workers) as ex:  # one batch in flight per worker
+                list(ex.map(send, [new[i:i + 64] for i in range(0, len(new), 64)]))
             index_rate = len(new) / (time.perf_counter() - t1)
             stats = s.get(proc.url + "/v1/index", timeout=30).json()
             qkeys = [k for k, _ in data.queries] + data.negatives[:: max(1, len(data.negatives) // 134)][:134]

