@@ -20,6 +20,21 @@ from tests.conftest import TEST_TOKENS
 
 ROOT = Path(__file__).resolve().parents[2]
 
+
+def ensure_tool(name: str) -> str:
+    """Path of a Debian-packaged tool the tests need (promtool, chromium); installs it with the repo's own
+    scripts/ensure-debian-packages.sh when missing (a clean machine), fails clearly if that is impossible."""
+    import shutil
+    import subprocess
+
+    path = shutil.which(name)
+    if path is None:
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "ensure-debian-packages.sh")], capture_output=True,
+                           text=True, timeout=900)
+        path = shutil.which(name)
+        assert path, f"{name} is missing and scripts/ensure-debian-packages.sh could not install it:\n{r.stderr[-2000:]}"
+    return path
+
 # Small, round caps so tests can reason in whole micro-dollars.
 TEST_OVERRIDES: dict[str, Any] = {
     "limits": {"daily_usd": 1.0, "monthly_usd": 5.0, "reservation_timeout_seconds": 60},

@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
 import requests
 import yaml
 
-from tests.guardrails.conftest import ROOT
+from tests.guardrails.conftest import ROOT, ensure_tool
 
 PROM = ROOT / "deploy" / "prometheus"
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool is missing: run scripts/ensure-debian-packages.sh (Debian package 'prometheus')"
-    return path
+    return ensure_tool("promtool")
 
 
 def test_promtool_checks_and_rule_unit_tests_pass():

@@ -14,6 +14,7 @@ from services.guardrails import repository as repo
 from services.guardrails import service
 from shared.db import make_pool
 from tests.conftest import TEST_TOKENS
+from tests.guardrails.conftest import ensure_tool
 
 pytestmark = pytest.mark.xdist_group("n8n")
 
@@ -134,7 +135,7 @@ def test_ops_form_in_a_real_browser_engages_the_kill_switch(stack, tmp_path):
 
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            browser = p.chromium.launch(executable_path=ensure_tool("chromium"), args=["--no-sandbox"])
             page = browser.new_page()
             # Without a login the form is not even shown.
             page.goto(f"{stack.n8n.url}/form/metis-kill-switch", wait_until="networkidle")
