@@ -88,7 +88,7 @@ def wait_http(proc: Proc, path: str = "/healthz", *, timeout: float = 60.0, expe
             r = requests.get(proc.url + path, timeout=2)
             if r.status_code == expect:
                 return
-            last = f"HTTP {r.status_code}"
+            last = f"HTTP {r.status_code}: {r.text[:300]}"
         except requests.RequestException as exc:
             last = type(exc).__name__
         time.sleep(0.2)
@@ -120,15 +120,16 @@ def start_service(service: str, *, env: Mapping[str, str], port: int, log_dir: P
 
 
 def start_services(envs: Mapping[str, Mapping[str, str]], ports: Mapping[str, int], *, log_dir: Path,
-                   workers: int = 2, timeout: float = 90.0) -> dict[str, Proc]:
-    """Start several services at once (they boot in parallel), wait for each; stop all if one fails."""
+                   workers: int = 2, timeout: float = 120.0, ready_path: str = "/readyz") -> dict[str, Proc]:
+    """Start several services at once (they boot in parallel) and wait until each is ready (by default
+    /readyz: its dependencies answer, models are loaded); stop all if one fails."""
     procs: dict[str, Proc] = {}
     try:
         for service, env in envs.items():
             procs[service] = spawn_service(service, env=env, port=ports[service], log_dir=log_dir,
                                            workers=workers, name=service)
         for proc in procs.values():
-            wait_http(proc, "/healthz", timeout=timeout)
+            wait_http(proc, ready_path, timeout=timeout)
     except BaseException:
         stop_all(procs.values())
         raise
