@@ -66,6 +66,46 @@ def invalid(message: str) -> GatewayResponse:
     return anthropic_error(400, "invalid_request_error", message, retry=False)
 
 
+def request_problem(req: Mapping[str, Any]) -> str | None:
+    """The first shape error Anthropic would report with a 400, checked before anything is reserved
+    (the upstream still validates everything else; its 400 then releases the reservation)."""
+    messages = req.get("messages")
+    if messages is None:
+        return "messages: Field required"
+    if not isinstance(messages, list):
+        return "messages: Input should be a valid list"
+    if not messages:
+        return "messages: at least one message is required"
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            return f"messages.{i}: Input should be a valid dictionary"
+        if msg.get("role") not in ("user", "assistant"):
+            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+        content = msg.get("content")
+        if content is None:
+            return f"messages.{i}.content: Field required"
+        if not isinstance(content, (str, list)):
+            return f"messages.{i}.content: Input should be a valid string or list"
+        if isinstance(content, list) and not all(isinstance(b, dict) and isinstance(b.get("type"), str)
+                                                 for b in content):
+            return f"messages.{i}.content: every content block needs a type"
+    system = req.get("system")
+    if system is not None and not isinstance(system, (str, list)):
+        return "system: Input should be a valid string or list"
+    for name, hi in (("temperature", 1.0), ("top_p", 1.0)):
+        v = req.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi):
+            return f"{name}: Input should be a number between 0 and {hi:g}"
+    tools = req.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            return "tools: Input should be a valid list"
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+                return f"tools.{i}.name: Field required"
+    return None
+
+
 def input_bound(policy: Policy, raw: bytes, req: Mapping[str, Any]) -> int | str:
     """Upper bound on billed input tokens: one token covers at least one byte of the UTF-8 request, plus the
     fixed overheads the body does not show. Returns a message instead when the input cannot be bounded."""
@@ -186,15 +226,16 @@ class Gateway:
             return invalid("request body is not valid JSON")
         if not isinstance(req, dict):
             return invalid("request body must be a JSON object")
-        model, max_tokens, messages = req.get("model"), req.get("max_tokens"), req.get("messages")
+        model, max_tokens = req.get("model"), req.get("max_tokens")
         if not isinstance(model, str) or not model:
             return invalid("model: Field required")
         if max_tokens is None:
             return invalid("max_tokens: Field required")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             return invalid("max_tokens: Input should be a valid integer greater than or equal to 1")
-        if not isinstance(messages, list):
-            return invalid("messages: Field required")
+        problem = request_problem(req)
+        if problem:
+            return invalid(problem)
         if req.get("stream"):
             return invalid("stream: streaming is not supported by the Metis gateway yet; send stream=false")
 

@@ -83,6 +83,25 @@ def test_missing_max_tokens_is_refused_before_any_reservation(gw, emu, sql):
     assert _reservations(sql, run.id) == [] and emu.anthropic_requests() == []
 
 
+@pytest.mark.parametrize("body,message", [
+    ({"model": HAIKU, "max_tokens": 8, "messages": []}, "messages: at least one message is required"),
+    ({"model": HAIKU, "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]},
+     "messages.0.role: Input should be 'user' or 'assistant'"),
+    ({"model": HAIKU, "max_tokens": 0, "messages": MSG},
+     "max_tokens: Input should be a valid integer greater than or equal to 1"),
+    ({"model": HAIKU, "max_tokens": 8, "messages": MSG, "temperature": 3},
+     "temperature: Input should be a number between 0 and 1"),
+    ({"max_tokens": 8, "messages": MSG}, "model: Field required"),
+])
+def test_malformed_requests_get_anthropics_400_before_any_reservation(gw, emu, sql, body, message):
+    run = gw.client().open_run("triage", trigger="event")
+    r = requests.post(gw.url + "/anthropic/v1/messages", json=body, timeout=5,
+                      headers={"x-api-key": TEST_TOKENS["triage"].get(), "X-Metis-Run-Id": run.id})
+    assert (r.status_code, r.json()["error"]["type"], r.json()["error"]["message"]) == \
+        (400, "invalid_request_error", message)
+    assert _reservations(sql, run.id) == [] and emu.anthropic_requests() == []
+
+
 def test_bearer_and_x_api_key_are_accepted_and_bad_keys_get_anthropic_401(gw, emu):
     run = gw.client().open_run("triage", trigger="event")
     body = {"model": HAIKU, "max_tokens": 16, "messages": MSG}
