@@ -56,16 +56,27 @@ def test_forged_webhook_is_rejected_and_nothing_runs(stack, emu) -> None:
     assert _runs(services, f"jira-issue:{issue_id}") == []
 
 
-def test_signed_webhook_opens_one_run_and_triages_once_even_when_redelivered(stack, emu) -> None:
+def _seed_history(services: Any) -> None:
+    """Resolved, labelled tickets in dedupe so the offline vote is confident and proposes."""
+    history = [{"key": f"HIST-{i}", "summary": f"Annual leave balance negative after the accrual run {i}",
+                "description": "Employees show negative leave balances after the nightly accrual job.",
+                "status": "Resolved", "resolution": "Fixed", "resolution_text": "Reverted the doubled accrual run.",
+                "priority": "Critical", "components": ["leave-engine"], "labels": ["category-leave"],
+                "project": "HIST", "created": "2025-01-01T10:00:00+00:00"} for i in range(6)]
+    _wait(lambda: services.get("dedupe", "/readyz").status_code == 200, timeout=180)
+    assert services.post("dedupe", "/v1/tickets", caller="ops", json={"tickets": history}).status_code == 200
+
+
+def test_signed_webhook_opens_one_run_and_proposes_once_even_when_redelivered(stack, emu) -> None:
     n8n, services = stack.n8n, stack.services
+    _seed_history(services)
     emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"])
     key = emu.jira_seed([{"project": "SUP", "summary": "Annual leave balance negative after accrual run",
                           "description": "30 employees show negative balances since last night.",
                           "issuetype": "Bug"}], fire_webhooks=True)[0]
     issue_id = emu.jira_state()["issues"][key]["id"]
-    runs = _wait(lambda: _runs(services, f"jira-issue:{issue_id}"))
-    assert len(runs) == 1
-    _wait(lambda: _results(services.database_url))
+    runs = _wait(lambda: [r for r in _runs(services, f"jira-issue:{issue_id}") if r["status"] != "open"])
+    assert len(runs) == 1 and runs[0]["status"] == "succeeded", runs
     emu._post(emu.jira_url + "/_emulator/jira/webhooks/redeliver", {})
     _wait(lambda: [r for r in _intake(services.database_url) if r[0] == "duplicate"])
     assert [r[0] for r in _intake(services.database_url)] == ["accepted", "duplicate"]
@@ -73,10 +84,27 @@ def test_signed_webhook_opens_one_run_and_triages_once_even_when_redelivered(sta
     assert [a["status"] for d in delivered for a in d["attempts"]] == [202, 200]
     assert [r[0] for r in _results(services.database_url)] == [key]
     assert len(_runs(services, f"jira-issue:{issue_id}")) == 1
-    with psycopg.connect(services.database_url) as conn:
-        response = conn.execute("SELECT response FROM triage.results").fetchone()[0]  # type: ignore[index]
-    assert response["run_id"] == runs[0]["id"] and response["ticket_key"] == key
-    assert response["mode"] == "offline"
+    # The normal proposal, through guardrails: labels allowlisted and written, the comment awaits approval.
+    actions = services.get("guardrails", f"/v1/actions?run_id={runs[0]['id']}", caller="ops").json()
+    assert sorted((a["operation"], a["target"], a["status"]) for a in actions) == \
+        [("add_comment", key, "pending_approval"), ("add_labels", key, "executed")]
+    assert "category-leave" in emu.jira_state()["issues"][key]["fields"]["labels"]
+    assert emu.jira_state()["comments"][key] == []
+    assert runs[0]["outcome"]["needs_human"] is False and len(runs[0]["outcome"]["actions"]) == 2
+
+
+def test_a_ticket_without_evidence_is_escalated_through_the_flow(stack, emu) -> None:
+    n8n, services = stack.n8n, stack.services
+    emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"])
+    key = emu.jira_seed([{"project": "SUP", "summary": "Something is odd", "issuetype": "Task"}],
+                        fire_webhooks=True)[0]
+    issue_id = emu.jira_state()["issues"][key]["id"]
+    run = _wait(lambda: [r for r in _runs(services, f"jira-issue:{issue_id}") if r["status"] != "open"])[0]
+    assert run["status"] == "succeeded" and run["outcome"]["needs_human"] is True
+    assert services.get("guardrails", f"/v1/actions?run_id={run['id']}", caller="ops").json() == []
+    esc = services.get("guardrails", f"/v1/escalations?run_id={run['id']}", caller="ops").json()
+    assert [e["subject"] for e in esc] == [key]
+    assert emu.jira_state()["issues"][key]["fields"]["labels"] == []
 
 
 @pytest.mark.parametrize("body, code", [(b"", "malformed_body"), (b"[1, 2]", "malformed_body"),
