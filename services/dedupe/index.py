@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 NO_TIME = -math.inf
 
 
-@dataclass
+@dataclass(slots=True)
 class TicketMeta:
     """What a candidate shows without another database round trip."""
 

@@ -44,8 +44,8 @@ class LexicalIndex:
         self.vocab: dict[str, int] = {}
         self.terms: list[str] = []  # id -> term (for explaining matches)
         self.df = np.zeros(1024, dtype=np.int32)
-        # slot -> (term ids, summary tf, description tf) for rebuilds
-        self.docs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # slot -> int32 array (3, n): term ids, summary tf, description tf (one object per doc: memory at 100k)
+        self.docs: dict[int, np.ndarray] = {}
         self._len_s = 0.0
         self._len_d = 0.0
         self._base: _Segment | None = None
@@ -78,11 +78,12 @@ class LexicalIndex:
         self.remove(slot)
         cs = Counter(self._term_ids(summary_tokens, True))
         cd = Counter(self._term_ids(description_tokens, True))
-        terms = np.array(sorted(set(cs) | set(cd)), dtype=np.int32)
-        tfs = np.array([cs.get(int(t), 0) for t in terms], dtype=np.float32)
-        tfd = np.array([cd.get(int(t), 0) for t in terms], dtype=np.float32)
-        self.docs[slot] = (terms, tfs, tfd)
-        self.df[terms] += 1
+        terms = sorted(set(cs) | set(cd))
+        doc = np.array([terms, [cs.get(t, 0) for t in terms], [cd.get(t, 0) for t in terms]], dtype=np.int32)
+        doc = doc.reshape(3, len(terms))
+        terms_arr, tfs, tfd = doc
+        self.docs[slot] = doc
+        self.df[terms_arr] += 1
         self._len_s += float(tfs.sum())
         self._len_d += float(tfd.sum())
         self._delta.add(slot)
