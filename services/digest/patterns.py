@@ -27,14 +27,52 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / norms
 
 
-def neighbour_counts(x: np.ndarray, threshold: float) -> np.ndarray:
-    """For each row, how many other rows are at least `threshold` cosine-similar (blocked, bounded memory)."""
+# Above this many similar pairs the neighbour lists are not kept (memory); centres recompute their row instead.
+MAX_EDGES = 20_000_000
+
+
+def neighbours(x: np.ndarray, threshold: float) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Per row: how many other rows are ≥ threshold similar, and (while that stays small) which.
+
+    Each block is compared only with itself and the rows after it (similarity is symmetric), which halves
+    the work; memory stays bounded by BLOCK × n whatever n is."""
     n = x.shape[0]
-    deg = np.zeros(n, dtype=np.int32)
+    deg = np.zeros(n, dtype=np.int64)
+    src: list[np.ndarray] = []
+    dst: list[np.ndarray] = []
+    edges = 0
+    keep = True
     for start in range(0, n, BLOCK):
-        sims = x[start:start + BLOCK] @ x.T
-        deg[start:start + BLOCK] = (sims >= threshold).sum(axis=1) - 1
-    return deg
+        stop = min(start + BLOCK, n)
+        sims = x[start:stop] @ x[start:].T
+        # Only pairs (i, j) with j > i: the block's own upper triangle, and everything to its right.
+        sims[:, : stop - start][np.tril_indices(stop - start)] = -1.0
+        rows, cols = np.nonzero(sims >= threshold)
+        rows += start
+        cols += start
+        deg += np.bincount(rows, minlength=n) + np.bincount(cols, minlength=n)
+        if keep:
+            edges += rows.size
+            if edges > MAX_EDGES:
+                keep, src, dst = False, [], []
+            else:
+                src += [rows, cols]
+                dst += [cols, rows]
+    if not keep:
+        return deg, None
+    if not src:
+        return deg, [np.zeros(0, dtype=np.int64) for _ in range(n)]
+    s_all = np.concatenate(src)
+    d_all = np.concatenate(dst)
+    order = np.argsort(s_all, kind="stable")
+    s_all, d_all = s_all[order], d_all[order]
+    bounds = np.searchsorted(s_all, np.arange(n + 1))
+    return deg, [d_all[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
+def neighbour_counts(x: np.ndarray, threshold: float) -> np.ndarray:
+    """For each row, how many other rows are at least `threshold` cosine-similar."""
+    return neighbours(x, threshold)[0]
 
 
 @dataclass(frozen=True)
@@ -51,7 +89,7 @@ def star_clusters(x: np.ndarray, threshold: float, min_size: int) -> list[Cluste
     n = x.shape[0]
     if n == 0:
         return []
-    deg = neighbour_counts(x, threshold)
+    deg, nbrs = neighbours(x, threshold)
     order = np.lexsort((np.arange(n), -deg))  # most neighbours first, index breaks ties
     assigned = np.zeros(n, dtype=bool)
     clusters: list[Cluster] = []
@@ -60,13 +98,18 @@ def star_clusters(x: np.ndarray, threshold: float, min_size: int) -> list[Cluste
             break  # nobody after this can gather min_size members
         if assigned[c]:
             continue
-        sims = x @ x[c]
-        members = np.flatnonzero((sims >= threshold) & ~assigned)
-        if members.size < min_size:
+        if nbrs is not None:
+            cand = nbrs[c][~assigned[nbrs[c]]]
+        else:
+            cand = np.flatnonzero((x @ x[c] >= threshold) & ~assigned)
+            cand = cand[cand != c]
+        if cand.size + 1 < min_size:
             continue
+        members = np.concatenate(([c], cand))
+        sims = x[members] @ x[c]
         assigned[members] = True
-        ranked = members[np.argsort(-sims[members], kind="stable")]
-        clusters.append(Cluster(int(c), tuple(int(i) for i in ranked),
+        ranked = np.argsort(-sims, kind="stable")
+        clusters.append(Cluster(int(c), tuple(int(members[i]) for i in ranked),
                                 tuple(round(float(sims[i]), 4) for i in ranked)))
     return clusters
 
@@ -109,13 +152,17 @@ def find_patterns(current: Sequence[Ticket], current_vecs: np.ndarray, previous:
     x = _normalize(current_vecs)
     prev = _normalize(previous_vecs) if len(previous) else np.zeros((0, x.shape[1]), dtype=np.float32)
     patterns: list[Pattern] = []
+    kept: list[tuple[Cluster, list[Ticket], Counter[str]]] = []
     for cl in star_clusters(x, rules.similarity, rules.min_tickets):
         members = [current[i] for i in cl.members]
         per_client = Counter(c for t in members for c in dict.fromkeys(t.clients))
-        if len(per_client) < rules.min_clients:
-            continue
-        # The previous window counts tickets as close to this pattern's representative as members must be.
-        prev_idx = np.flatnonzero(prev @ x[cl.center] >= rules.similarity) if len(prev) else np.array([], int)
+        if len(per_client) >= rules.min_clients:
+            kept.append((cl, members, per_client))
+    # The previous window counts tickets as close to a pattern's representative as its members must be.
+    centres = np.array([cl.center for cl, _, _ in kept], dtype=np.int64)
+    prev_hits = (prev @ x[centres].T >= rules.similarity) if len(prev) and len(kept) else None
+    for k, (cl, members, per_client) in enumerate(kept):
+        prev_idx = np.flatnonzero(prev_hits[:, k]) if prev_hits is not None else np.array([], dtype=np.int64)
         prev_clients = sorted({c for i in prev_idx for c in previous[int(i)].clients})
         comps = Counter(c for t in members for c in t.components)
         patterns.append(Pattern(
