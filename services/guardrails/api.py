@@ -201,7 +201,9 @@ def _gateway_caller() -> str:
 
 
 def _gateway_response(r: GatewayResponse) -> Response:
-    resp = Response(r.body, status=r.status, headers=r.headers)
+    # A stream is relayed as it arrives (settled by the gateway when it ends or the client goes away).
+    resp = Response(r.stream if r.stream is not None else r.body, status=r.status, headers=r.headers,
+                    direct_passthrough=r.stream is not None)
     resp.headers["X-Metis-Worker"] = str(os.getpid())  # which worker answered (ops debugging, multi-worker tests)
     return resp
 

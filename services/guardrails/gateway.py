@@ -7,7 +7,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import psycopg
 import psycopg_pool
@@ -36,6 +36,7 @@ class GatewayResponse:
     status: int
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    stream: Iterator[bytes] | None = None  # a streamed (SSE) body, settled when it ends
 
 
 def anthropic_error(status: int, etype: str, message: str, *, reason: str | None = None,
@@ -236,8 +237,6 @@ class Gateway:
         problem = request_problem(req)
         if problem:
             return invalid(problem)
-        if req.get("stream"):
-            return invalid("stream: streaming is not supported by the Metis gateway yet; send stream=false")
 
         run_id = _header(headers, RUN_HEADER)
         if not run_id:
@@ -284,10 +283,16 @@ class Gateway:
                         reserve_micros=reserve_micros)
         m.OPEN_RESERVATIONS.inc()
         try:
-            return self._forward_and_settle(raw, headers, req, policy, price, priced, task, caller, reservation_id,
-                                            reserve_micros, reserve_tokens, justification, t0)
-        finally:
+            out = self._forward_and_settle(raw, headers, req, policy, price, priced, task, caller, reservation_id,
+                                           reserve_micros, reserve_tokens, justification, t0)
+        except BaseException:
             m.OPEN_RESERVATIONS.dec()
+            raise
+        if out.stream is None:
+            m.OPEN_RESERVATIONS.dec()
+        else:
+            out.stream = _then(out.stream, m.OPEN_RESERVATIONS.dec)
+        return out
 
     def _forward_and_settle(self, raw: bytes, headers: Mapping[str, str], req: Mapping[str, Any], policy: Policy,
                             price: Price, model: str, task: str, caller: str, reservation_id: uuid.UUID,
@@ -298,10 +303,11 @@ class Gateway:
         fwd["content-type"] = "application/json"
         fwd["x-api-key"] = self._key
         sent = False
+        streaming = bool(req.get("stream"))
         try:
             t_up = time.perf_counter()
             resp = self._http.request("POST", self._upstream + "/v1/messages", body=raw, headers=fwd,
-                                      timeout=self._timeout, preload_content=True, redirect=False)
+                                      timeout=self._timeout, preload_content=not streaming, redirect=False)
             sent = True
             upstream_seconds = time.perf_counter() - t_up
         except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
@@ -316,6 +322,14 @@ class Gateway:
                           "note": "no response; charged the reserved worst case"})
             return anthropic_error(504, "api_error", "no response from the Anthropic API; charged as worst case")
         out_headers = {k: v for k, v in resp.headers.items() if k.lower().startswith(_RETURN_HEADER_PREFIXES)}
+        if streaming and resp.status == 200:
+            out_headers.update({"X-Metis-Reserved-Micros": str(reserve_micros),
+                                "X-Metis-Reservation-Id": str(reservation_id)})
+            return GatewayResponse(200, b"", out_headers, stream=self._relay_stream(
+                resp, raw, policy, price, model, task, reservation_id, reserve_micros, reserve_tokens,
+                justification))
+        if streaming:
+            _ = resp.data  # an error answer to a streamed request is a plain JSON body: read it whole
         if resp.status != 200:
             # Upstream refused (400, 429, 529, 5xx...): nothing was generated, nothing is billed.
             self._settle(reservation_id, "released", 0, 0, policy, "llm.upstream_error",
@@ -359,6 +373,57 @@ class Gateway:
             if scope in remaining:
                 out_headers[f"X-Metis-Remaining-{header}-USD"] = _usd(int(remaining[scope]))
         return GatewayResponse(200, resp.data, out_headers)
+
+    def _relay_stream(self, resp: Any, raw: bytes, policy: Policy, price: Price, model: str, task: str,
+                      reservation_id: uuid.UUID, reserve_micros: int, reserve_tokens: int,
+                      justification: str) -> Iterator[bytes]:
+        """Pass the SSE stream through unchanged while collecting usage from message_start / message_delta;
+        settle when it ends. A stream that does not reach message_stop (client gone, upstream cut) is charged
+        the full reservation: tokens may have been generated that no event reported."""
+        usage: dict[str, Any] = {}
+        buffer = b""
+        complete = False
+        try:
+            for chunk in resp.stream(8192, decode_content=True):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue
+                    try:
+                        event = json.loads(line[5:])
+                    except ValueError:
+                        continue
+                    etype = event.get("type") if isinstance(event, dict) else None
+                    if etype == "message_start":
+                        usage.update((event.get("message") or {}).get("usage") or {})
+                    elif etype == "message_delta":
+                        usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+                    elif etype == "message_stop":
+                        complete = True
+                yield chunk
+        finally:
+            resp.release_conn()
+            parsed = None
+            if complete:
+                try:
+                    parsed = parse_usage(usage, raw)
+                except ValueError:
+                    parsed = None
+            if parsed is None:
+                self._settle(reservation_id, "settled", reserve_micros, reserve_tokens, policy, "llm.call_uncertain",
+                             {"stream": True, "note": "stream ended early; charged the reserved worst case"})
+            else:
+                kinds = cost_nanos(price, parsed)
+                cost = -(-sum(kinds.values()) // 1000)
+                audit: dict[str, Any] = {"stream": True, "usage": parsed.__dict__, "cache_hit_tokens": parsed.cache_read,
+                                         "cost_nanos_by_kind": kinds}
+                if justification:
+                    audit["justification"] = justification[:1000]
+                self._settle(reservation_id, "settled", cost, parsed.total, policy, "llm.call", audit)
+                m.observe_spend(task, model, price, parsed, kinds)
+                if cost > reserve_micros:
+                    m.OVERRUNS.inc()
 
     def _settle(self, reservation_id: uuid.UUID, state: str, cost: int, tokens: int, policy: Policy, kind: str,
                 audit: dict[str, Any]) -> dict[str, Any]:
@@ -440,6 +505,13 @@ class Gateway:
                 return "justification_required", (f"the top tier needs a {JUSTIFICATION_HEADER} header of at least "
                                                    f"{policy.justification_min_chars} characters")
         return None
+
+
+def _then(stream: Iterator[bytes], done: Any) -> Iterator[bytes]:
+    try:
+        yield from stream
+    finally:
+        done()
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

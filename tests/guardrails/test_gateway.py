@@ -305,3 +305,26 @@ def test_database_down_fails_closed(make_guardrails, emu, database_url, tmp_path
         gw.pool.close()
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_streamed_calls_are_relayed_and_settled_from_the_stream_usage(gw, emu, sql):
+    emu.script_anthropic([{"text": "Payroll tax table is stale for client ACME.", "times": 2,
+                           "usage": {"input_tokens": 120, "cache_read_input_tokens": 2000,
+                                     "cache_creation_input_tokens": 0, "output_tokens": 30}}])
+    c = gw.client("triage")
+    run = c.open_run("triage", trigger="event")
+    llm = c.anthropic(run.id)
+    with llm.messages.stream(model=HAIKU, max_tokens=200, messages=MSG) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Payroll tax table is stale for client ACME." and final.usage.output_tokens == 30
+    events = [e.type for e in llm.messages.create(model=HAIKU, max_tokens=200, messages=MSG, stream=True)]
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    res = _reservations(sql, run.id)
+    # haiku 4.5: 120 x 1000 + 2000 x 100 + 30 x 5000 nano-USD = 470 micro-USD each, far below the reservation.
+    assert [(r["state"], r["cost_micros"]) for r in res] == [("settled", 470), ("settled", 470)]
+    assert all(r["amount_micros"] > 470 for r in res)
+    entry = sql.execute("SELECT data FROM guardrails.audit_log WHERE kind = 'llm.call' ORDER BY seq LIMIT 1"
+                        ).fetchone()["data"]
+    assert entry["stream"] is True and entry["cache_hit_tokens"] == 2000
+    assert c.get_run(run.id).budget["reserved_micros"] == 0
