@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: up down status test venv n8n lint clean
+.PHONY: up down status test venv n8n debian-packages lint clean
 
 # The venv is rebuilt whenever pyproject.toml changes (the stamp carries its hash).
 $(STAMP): pyproject.toml
@@ -27,7 +27,12 @@ down:
 status: venv
 	@$(VENV)/bin/python -m devstack status
 
-test: venv n8n
+# Debian packages the suite drives (Chromium for n8n forms, promtool), installed once before pytest
+# starts, so two xdist workers never race for apt's lock.
+debian-packages:
+	@bash scripts/ensure-debian-packages.sh
+
+test: venv n8n debian-packages
 	bash scripts/test.sh
 
 lint: venv
