@@ -22,7 +22,7 @@ import requests
 from urllib.parse import quote
 
 from .config import Taxonomy, TriageConfig
-from .service import Evidence, classify_offline, evidence_from_similar, normalize_ticket, vote
+from .service import classify_offline, evidence_from_similar, normalize_ticket, vote
 
 DATE_FORMATS = ("%d/%b/%y %H:%M", "%d/%b/%Y %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d")
 LABEL_PREFIX = "evallabel:"

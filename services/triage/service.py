@@ -117,6 +117,10 @@ def ticket_from_jira_issue(issue: Mapping[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- evidence
 
+class RetrievalError(Exception):
+    """Dedupe could not be asked (down, timeout, bad answer): triage goes on with less evidence."""
+
+
 @dataclass(frozen=True)
 class Evidence:
     """A resolved similar ticket (or KB article) from dedupe."""
@@ -655,10 +659,6 @@ def triage(*, ticket: Ticket, run_id: str, deps: TriageDeps, mode: str = "auto")
                          evidence=evidence, duplicates=dup_result, reasons=reasons, proposals=proposals,
                          escalation=escalation, usage=usage, notes=notes, fallback_reason=fallback,
                          llm_attempts=attempts)
-
-
-class RetrievalError(Exception):
-    """Dedupe could not be asked (down, timeout, bad answer): triage goes on with less evidence."""
 
 
 # --------------------------------------------------------------------------- rendering and submission
