@@ -103,7 +103,10 @@ def service_env(service: str, *, base: Mapping[str, str], database_url: str, tok
 
 # Service settings that point at an n8n workflow's production webhook, set when that workflow exists:
 # variable -> (service, webhook path). guardrails delivers alerts through n8n (Slack, e-mail).
-N8N_WEBHOOK_SETTINGS = {"METIS_ALERT_WEBHOOK_URL": ("guardrails", "metis-guardrails-alerts")}
+N8N_WEBHOOK_SETTINGS = {"METIS_ALERT_WEBHOOK_URL": ("guardrails", "metis-guardrails-alerts"),
+                        # every pending action is handed to the approval workflow, every escalation to its own
+                        "METIS_APPROVAL_WEBHOOK_URL": ("guardrails", "metis-approval-request"),
+                        "METIS_ESCALATION_WEBHOOK_URL": ("guardrails", "metis-escalation")}
 
 
 def n8n_webhook_env(service: str, n8n_url: str, paths: set[str]) -> dict[str, str]:
@@ -113,7 +116,8 @@ def n8n_webhook_env(service: str, n8n_url: str, paths: set[str]) -> dict[str, st
 
 
 # Site settings workflows read with $env (overridable from the environment of `make up`).
-WORKFLOW_SETTINGS = {"METIS_ALERT_EMAIL_FROM": "metis@example.com", "METIS_ALERT_EMAIL_TO": "ops@example.com"}
+WORKFLOW_SETTINGS = {"METIS_ALERT_EMAIL_FROM": "metis@example.com", "METIS_ALERT_EMAIL_TO": "ops@example.com",
+                     "METIS_APPROVAL_EMAIL_TO": "approvers@example.com"}
 
 
 def workflow_env(urls: Mapping[str, str], externals: Externals,

@@ -90,8 +90,9 @@ class ActionService:
                    expires_at=_iso(row["expires_at"]), decided_at=_iso(row["decided_at"]),
                    executed_at=_iso(row["executed_at"]), created_at=_iso(row["created_at"]),
                    updated_at=_iso(row["updated_at"]),
-                   summary=summary(connector=row["connector"], operation=row["operation"], target=row["target"],
-                                   payload=row["payload"], jira_url=self.executors.jira_url))
+                   summary={**summary(connector=row["connector"], operation=row["operation"], target=row["target"],
+                                      payload=row["payload"], jira_url=self.executors.jira_url),
+                            "proposed_by": f"{row['task']} ({row['caller']}, run {row['run_id']})"})
         if detail and conn is not None:
             out["history"] = [{**a, "started_at": _iso(a["started_at"]), "finished_at": _iso(a["finished_at"])}
                               for a in arepo.attempts_of(conn, row["id"])]
@@ -544,7 +545,7 @@ class ActionService:
 def escalation_read(row: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(row)
     out.update(id=str(row["id"]), run_id=str(row["run_id"]), created_at=_iso(row["created_at"]),
-               resolved_at=_iso(row["resolved_at"]))
+               resolved_at=_iso(row["resolved_at"]), raised_by=f"{row['task']} ({row['caller']}, run {row['run_id']})")
     return out
 
 

@@ -32,6 +32,7 @@ class SummaryRead(Schema):
     where = fields.String()
     url = fields.String(allow_none=True)
     preview = fields.String()
+    proposed_by = fields.String()
 
 
 class ActionRead(Schema):
@@ -133,6 +134,7 @@ class EscalationRead(Schema):
     run_id = fields.String()
     task = fields.String()
     caller = fields.String()
+    raised_by = fields.String()
     subject = fields.String()
     reason = fields.String()
     context = fields.Dict()
