@@ -102,7 +102,10 @@ def make_guardrails(make_settings: Callable[..., Any], tmp_path: Path,
         cfg = write_config(tmp_path / f"config{len(started)}", policy, prices)
         overrides: dict[str, Any] = {"config_dir": str(cfg),
                                      "extra": {"METIS_ANTHROPIC_URL": anthropic_url or "http://127.0.0.1:9",
-                                               "METIS_ANTHROPIC_TIMEOUT": "20", **(extra or {})}}
+                                               "METIS_ANTHROPIC_TIMEOUT": "20",
+                                               # Small pools: the whole suite shares one PostgreSQL.
+                                               "METIS_DB_POOL_MIN": "1", "METIS_DB_POOL_SIZE": "6",
+                                               **(extra or {})}}
         if database_url:
             overrides["database_url"] = database_url
         settings = make_settings("guardrails", **overrides)
