@@ -59,6 +59,8 @@ class Settings:
     dedupe_url: str = "http://127.0.0.1:8102"
     config_dir: str = "config"
     log_level: str = "INFO"
+    # Connections per process: gunicorn threads + background loops; keep workers × this under the server's limit.
+    db_pool_max: int = 8
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -88,6 +90,14 @@ class Settings:
         for name, secret in tokens.items():
             if len(secret.get()) < 16:
                 problems.append(f"METIS_TOKEN_{name.upper()} is shorter than 16 characters")
+        pool_max = 8
+        if env.get("METIS_DB_POOL_MAX"):
+            try:
+                pool_max = int(env["METIS_DB_POOL_MAX"])
+                if pool_max < 2:
+                    raise ValueError
+            except ValueError:
+                problems.append(f"METIS_DB_POOL_MAX must be an integer >= 2, got {env['METIS_DB_POOL_MAX']!r}")
         level = env.get("METIS_LOG_LEVEL", "INFO").upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             problems.append(f"METIS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
@@ -103,6 +113,7 @@ class Settings:
             dedupe_url=env.get("METIS_DEDUPE_URL", "http://127.0.0.1:8102").rstrip("/"),
             config_dir=env.get("METIS_CONFIG_DIR", "config"),
             log_level=level,
+            db_pool_max=pool_max,
             extra={k: v for k, v in env.items() if k.startswith("METIS_")
                    and not any(s in k for s in ("TOKEN", "KEY", "SECRET", "PASSWORD"))},
         )

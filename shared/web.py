@@ -72,7 +72,7 @@ def create_service_app(settings: Settings, *, apis: Iterable[Api], version: str 
     app.config["JSON_SORT_KEYS"] = False
     if migrate:
         db.migrate(settings.database_url, settings.service)
-    pool = pool or db.make_pool(settings.database_url, name=settings.service)
+    pool = pool or db.make_pool(settings.database_url, max_size=settings.db_pool_max, name=settings.service)
     pool.open(wait=False)
     service_ctx = ServiceContext(settings=settings, pool=pool)
     service_ctx.ready_checks["database"] = lambda: db.ping(pool)

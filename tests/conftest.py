@@ -75,7 +75,7 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
     """Settings for a service with the test database and tokens; keyword overrides win."""
 
     def factory(service: str, **overrides: object) -> Settings:
-        env = {"DATABASE_URL": database_url, **{f"METIS_TOKEN_{k.upper()}": v.get() for k, v in TEST_TOKENS.items()}}
+        env = {"DATABASE_URL": database_url, "METIS_DB_POOL_MAX": "3", **{f"METIS_TOKEN_{k.upper()}": v.get() for k, v in TEST_TOKENS.items()}}
         return Settings.from_env(service, env, **overrides)
 
     return factory
