@@ -47,7 +47,7 @@ class Money(fields.Decimal):
 
     def __init__(self, places: int = 6, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.places = places
+        self.max_places = places  # (marshmallow's own `places` rounds; this one refuses)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -59,8 +59,8 @@ class Money(fields.Decimal):
             raise ValidationError("must be a number") from None
         if not dec.is_finite() or dec < 0:
             raise ValidationError("must be a finite number >= 0")
-        if dec != dec.quantize(Decimal(1).scaleb(-self.places)):
-            raise ValidationError(f"at most {self.places} decimal places")
+        if dec != dec.quantize(Decimal(1).scaleb(-self.max_places)):
+            raise ValidationError(f"at most {self.max_places} decimal places")
         return dec
 
 
