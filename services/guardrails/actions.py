@@ -120,7 +120,7 @@ class ActionService:
                 out["waiting"] = self._with_waiting(conn, row)["waiting"]
             return out
 
-    def list(self, **query: Any) -> list[dict[str, Any]]:
+    def find(self, **query: Any) -> list[dict[str, Any]]:
         """Actions, newest first, filtered (status may list several, comma-separated)."""
         status = query.pop("status", None)
         statuses = [s for s in (status or "").split(",") if s] or None
@@ -197,6 +197,7 @@ class ActionService:
                                          payload={"action_id": str(action_id), "action": action, "target": target,
                                                   "expires_at": _iso(row["expires_at"])})
         if row is None:
+            assert existing is not None
             return self._same_again(existing, fp), False
         if status == "approved":
             return self.await_outcome(action_id), True
@@ -361,6 +362,7 @@ class ActionService:
         aid = parse_uuid(action_id, "action_id")
         approver = approver.strip()
         problem: Conflict | None = None
+        row: Mapping[str, Any] | None
         with transaction(self.pool) as conn:
             row = arepo.action_get(conn, aid, for_update=True)
             if row is None:

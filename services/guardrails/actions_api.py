@@ -34,7 +34,7 @@ def propose(body: dict[str, Any]) -> Any:
 @actions_api.route("/v1/actions", query=s.ActionQuery, response=s.ActionRead, many=True)
 def list_actions(query: dict[str, Any]) -> Any:
     """Actions newest first; filter by status (comma-separated), connector, operation, target, run, task, rule."""
-    return _svc().list(**query)
+    return _svc().find(**query)
 
 
 @actions_api.route("/v1/actions/<action_id>", response=s.ActionRead)

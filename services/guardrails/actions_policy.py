@@ -210,9 +210,10 @@ def build_action_policy(section: Mapping[str, Any]) -> ActionPolicy:
     """From the section as loaded by ActionsSchema."""
     rules = []
     for r in section.get("rules") or []:
+        conditions: dict[str, Any] = {k: (tuple(r[k]) if isinstance(r[k], list) else r[k])
+                                      for k in (*CONDITIONS, "expires_seconds") if k in r}
         rules.append(Rule(name=r["name"], action=r["action"], mode=r["mode"], description=r.get("description", ""),
-                          **{k: (tuple(r[k]) if isinstance(r[k], list) else r[k])
-                             for k in (*CONDITIONS, "expires_seconds") if k in r}))
+                          **conditions))
     approval = section.get("approval") or ApprovalSchema().load({})
     execution = section.get("execution") or ExecutionSchema().load({})
     return ActionPolicy(rules=tuple(rules), expires_seconds=approval["expires_seconds"],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -46,7 +46,8 @@ def action_get(conn: psycopg.Connection[Any], action_id: uuid.UUID | str, *, for
 def action_list(conn: psycopg.Connection[Any], *, status: Sequence[str] | None, connector: str | None,
                 operation: str | None, target: str | None, run_id: str | None, task: str | None, rule: str | None,
                 since: datetime | None, limit: int) -> list[Row]:
-    where, args = ["TRUE"], []
+    where: list[str] = ["TRUE"]
+    args: list[Any] = []
     if status:
         where.append("status = ANY(%s)")
         args.append(list(status))
@@ -71,7 +72,7 @@ def action_decide(conn: psycopg.Connection[Any], action_id: uuid.UUID, *, decisi
         f"decision_comment = %s, decided_at = now(), updated_at = now() WHERE id = %s RETURNING {_COLUMNS}",
         (status, decision, approver, channel, comment, action_id)).fetchone()
     assert row is not None
-    return row
+    return cast(Row, row)
 
 
 def action_expire(conn: psycopg.Connection[Any], action_id: uuid.UUID) -> Row | None:
@@ -193,12 +194,13 @@ def escalation_resolve(conn: psycopg.Connection[Any], escalation_id: uuid.UUID, 
                        f"comment = %s, resolved_at = now() WHERE id = %s RETURNING {_ESC_COLUMNS}",
                        (resolution, actor, comment, escalation_id)).fetchone()
     assert row is not None
-    return row
+    return cast(Row, row)
 
 
 def escalation_list(conn: psycopg.Connection[Any], *, status: str | None, task: str | None, subject: str | None,
                     run_id: str | None, since: datetime | None, limit: int) -> list[Row]:
-    where, args = ["TRUE"], []
+    where: list[str] = ["TRUE"]
+    args: list[Any] = []
     for col, val in (("status", status), ("task", task), ("subject", subject), ("run_id", run_id)):
         if val:
             where.append(f"{col} = %s")

@@ -218,7 +218,7 @@ class Executors:
 
     def can_reconcile(self, action: Mapping[str, Any]) -> bool:
         """Whether a write of this kind can be looked up (or safely repeated) after an unknown outcome."""
-        return action["connector"] == "jira"
+        return bool(action["connector"] == "jira")
 
     # -------------------------------------------------------------- slack
 

@@ -87,7 +87,7 @@ def adf_problem(doc: Any) -> str | None:
     return None
 
 
-class CommentBody(fields.Field):
+class CommentBody(fields.Field[dict[str, Any]]):
     """Plain text (turned into ADF) or an ADF document."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
