@@ -169,10 +169,10 @@ def alerts(query: dict[str, Any]) -> Any:
 
 @api.route("/v1/policy", response=s.PolicyRead)
 def policy() -> Any:
-    """The policy in force (digest, tasks, limits, heartbeats)."""
+    """The policy in force (digest, tasks, limits, heartbeats, the write allowlist)."""
     raw = _policies().get().raw["policy"]
     return {"digest": _policies().get().digest, "tasks": raw.get("tasks", {}), "limits": raw.get("limits", {}),
-            "heartbeats": raw.get("heartbeats", {})}
+            "heartbeats": raw.get("heartbeats", {}), "actions": raw.get("actions", {})}
 
 
 @api.route("/v1/policy/reload", methods=["POST"], response=s.PolicyReloadRead, callers=("ops",))

@@ -157,3 +157,4 @@ class PolicyRead(Schema):
     tasks = fields.Dict()
     limits = fields.Dict()
     heartbeats = fields.Dict()
+    actions = fields.Dict()

@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.guardrails.actions_support import Writes, make_writes, writes  # noqa: F401 (fixtures)
 
+ROOT = Path(__file__).resolve().parents[2]
 ALLOW_COMMENTS = {"actions": {"rules": [
     {"name": "comments-now", "action": "jira.add_comment", "mode": "allow", "projects": ["SUP"]},
     {"name": "labels-now", "action": "jira.add_labels", "mode": "allow", "labels": ["category-*"]},
@@ -275,3 +277,43 @@ def test_the_kill_switch_holds_writes_and_pending_actions_wait(make_writes: Any)
     assert w.svc.sweep()["executed"] == 1
     got = w.call("GET", f"/v1/actions/{a['id']}", caller="ops").json()
     assert got["status"] == "executed" and len(w.comments(key)) == 1
+
+
+def test_the_allowlist_is_validated_with_every_error_named_by_path(writes: Writes) -> None:
+    import yaml
+
+    from services.guardrails.policy import PolicyError, build_policy
+
+    policy = yaml.safe_load((ROOT / "config" / "policy.yaml").read_text())
+    prices = yaml.safe_load((ROOT / "config" / "prices.yaml").read_text())
+    policy["actions"] = {
+        "execution": {"http_attempts": 4, "request_timeout_seconds": 15, "retry_budget_seconds": 60,
+                      "lease_seconds": 30},
+        "rules": [
+            {"name": "a", "action": "jira.delete_issue", "mode": "allow"},
+            {"name": "b", "action": "jira.add_comment", "mode": "sometimes", "transitions": ["Done"]},
+            {"name": "b", "action": "jira.add_labels", "mode": "allow", "tasks": ["nobody"], "expires_seconds": 5},
+        ]}
+    with pytest.raises(PolicyError) as exc:
+        build_policy(policy, prices)
+    errors = dict(exc.value.errors)
+    assert "policy.actions.rules.0.action" in errors and "policy.actions.rules.1.mode" in errors
+    assert "policy.actions.execution.lease_seconds" in errors
+    # Once the fields are right, cross-checks name what is still wrong.
+    policy["actions"]["rules"] = [{"name": "b", "action": "jira.add_comment", "mode": "allow", "transitions": ["x"]}]
+    policy["actions"]["execution"]["lease_seconds"] = 300
+    with pytest.raises(PolicyError) as exc:
+        build_policy(policy, prices)
+    assert "does not apply to jira.add_comment" in str(exc.value)
+    policy["actions"]["rules"] = [{"name": "b", "action": "jira.add_labels", "mode": "allow", "tasks": ["nobody"]},
+                                  {"name": "b", "action": "jira.add_labels", "mode": "deny"}]
+    with pytest.raises(PolicyError) as exc:
+        build_policy(policy, prices)
+    assert "duplicate rule name 'b'" in str(exc.value)
+    policy["actions"]["rules"] = [{"name": "b", "action": "jira.add_labels", "mode": "allow", "tasks": ["nobody"]}]
+    with pytest.raises(PolicyError) as exc:
+        build_policy(policy, prices)
+    assert dict(exc.value.errors) == {"policy.actions.rules.0.tasks.0": "unknown task 'nobody'"}
+    # The allowlist in force is visible with the rest of the policy.
+    shown = writes.call("GET", "/v1/policy", caller="ops").json()["actions"]
+    assert [r["name"] for r in shown["rules"]][:2] == ["triage-labels", "triage-comment"]
