@@ -45,8 +45,10 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
     def configure(conn: Any) -> None:
         conn.execute(f"SET synchronous_commit = {sync_commit}")
 
-    pool = ConnectionPool(settings.database_url, min_size=int(extra.get("METIS_DB_POOL_MIN", "2")),
-                          max_size=int(extra.get("METIS_DB_POOL_SIZE", "12")),
+    # Sized like every service (METIS_DB_POOL_MAX -> settings.db_pool_max) unless METIS_DB_POOL_SIZE says otherwise.
+    max_size = int(extra.get("METIS_DB_POOL_SIZE", str(getattr(settings, "db_pool_max", 8))))
+    pool = ConnectionPool(settings.database_url, min_size=min(int(extra.get("METIS_DB_POOL_MIN", "2")), max_size),
+                          max_size=max_size,
                           kwargs={"row_factory": dict_row, "autocommit": True}, open=False, name="guardrails",
                           timeout=float(extra.get("METIS_DB_POOL_TIMEOUT", "3")), configure=configure)
     app = create_service_app(settings, apis=[api, gateway_api, actions_api], pool=pool, public_paths=GATEWAY_PATHS)
