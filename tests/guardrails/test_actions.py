@@ -317,3 +317,54 @@ def test_the_allowlist_is_validated_with_every_error_named_by_path(writes: Write
     # The allowlist in force is visible with the rest of the policy.
     shown = writes.call("GET", "/v1/policy", caller="ops").json()["actions"]
     assert [r["name"] for r in shown["rules"]][:2] == ["triage-labels", "triage-comment"]
+
+
+def test_links_and_transitions_are_executed_after_approval(writes: Writes) -> None:
+    run = writes.open_run()
+    a_key, b_key = writes.issue(summary="Clock-in late"), writes.issue(summary="Clock-in late (again)")
+    link = writes.propose(run, "link_issues", b_key, {"type": "duplicate", "inward": b_key, "outward": a_key}).json()
+    assert (link["status"], link["rule"], link["payload"]["type"]) == ("pending_approval", "duplicate-links",
+                                                                     "Duplicate")
+    done = writes.decide(link["id"]).json()
+    assert done["status"] == "executed", done
+    assert [(x["type"], x["inward"], x["outward"]) for x in writes.emu.jira_state()["links"]] == [
+        ("Duplicate", b_key, a_key)]
+    move = writes.propose(run, "transition", a_key, {"to": "In Progress"}).json()
+    assert (move["status"], move["rule"]) == ("pending_approval", "support-transitions")
+    done = writes.decide(move["id"]).json()
+    assert done["status"] == "executed" and done["result"]["status"] == "In Progress"
+    assert writes.emu.jira_state()["issues"][a_key]["fields"]["status"]["name"] == "In Progress"
+
+
+def test_a_write_whose_answer_was_lost_is_not_resent_until_checked(make_writes: Any) -> None:
+    w = make_writes(ALLOW_COMMENTS)
+    run, key = w.open_run(), w.issue()
+    # Jira drops the connection after receiving the request: the write may or may not have happened.
+    w.emu.jira_fault(f"/rest/api/3/issue/{key}/comment", method="POST", down=True, count=1)
+    a = w.propose(run, "add_comment", key, {"body": "Maybe written."}).json()
+    assert (a["status"], a["outcome_unknown"], a["attempts"]) == ("failed", True, 1), a
+    assert "may have happened" in a["last_error"] and w.comments(key) == []
+    r = w.call("POST", f"/v1/actions/{a['id']}/retry", caller="ops", json={"actor": "olga", "reason": "check"})
+    done = r.json()
+    # The retry looked for the marker first (not there: the emulator dropped it unapplied), then wrote once.
+    assert (done["status"], done["attempts"], done["outcome_unknown"]) == ("executed", 2, False)
+    assert len(w.comments(key)) == 1
+
+
+def test_a_slack_message_of_unknown_outcome_needs_an_operator_to_force_it(make_writes: Any) -> None:
+    w = make_writes()
+    run = w.open_run("digest")
+    ok = w.propose(run, "post_message", "#ops", {"text": "Weekly digest is ready."}, connector="slack",
+                   caller="digest").json()
+    assert (ok["status"], ok["rule"]) == ("executed", "ops-notices")
+    assert [m["text"] for m in w.emu.slack_messages()] == ["Weekly digest is ready."]
+    w.emu._post(w.emu.slack_url + "/_emulator/slack/faults", {"path": "/services/*", "down": True, "count": 1})
+    lost = w.propose(run, "post_message", "#ops", {"text": "Second notice."}, connector="slack",
+                     caller="digest").json()
+    assert (lost["status"], lost["outcome_unknown"]) == ("failed", True)
+    r = w.call("POST", f"/v1/actions/{lost['id']}/retry", caller="ops", json={"actor": "olga", "reason": "again"})
+    assert r.status_code == 409 and r.json()["code"] == "outcome_unknown"  # a Slack post cannot be looked up
+    r = w.call("POST", f"/v1/actions/{lost['id']}/retry", caller="ops",
+               json={"actor": "olga", "reason": "checked #ops: it is not there", "force": True})
+    assert r.json()["status"] == "executed"
+    assert [m["text"] for m in w.emu.slack_messages()] == ["Weekly digest is ready.", "Second notice."]
