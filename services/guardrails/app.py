@@ -18,6 +18,7 @@ from shared.web import create_service_app
 
 from . import actions, service
 from .actions_api import actions_api
+from .actions_metrics import ActionsCollector
 from .api import GATEWAY_PATHS, api, gateway_api
 from .gateway import Gateway
 from .metrics import LedgerCollector
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
                                upstream_url=extra.get("METIS_ANTHROPIC_URL", "https://api.anthropic.com"),
                                api_key=key, timeout=float(extra.get("METIS_ANTHROPIC_TIMEOUT", "600")),
                                durable=sync_commit == "on")
-    state["metrics_collectors"] = [LedgerCollector(pool, store)]
+    state["metrics_collectors"] = [LedgerCollector(pool, store), ActionsCollector(pool)]
     state["actions"] = actions.ActionService(pool=pool, policies=store,
                                              executors=actions.executors_from_settings(settings))
 

@@ -3,6 +3,7 @@ deadline; approved writes executed and audited with the approver; the n8n outbox
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -205,3 +206,16 @@ def test_escalations_are_queued_listed_resolved_and_never_write(writes: Writes) 
     r = writes.call("POST", "/v1/escalations", json={"run_id": run, "subject": " "})
     assert r.status_code == 400 and {"reason", "subject"} <= set(r.json()["errors"])
     assert writes.call("GET", f"/v1/escalations/{uuid.uuid4()}").status_code == 404
+
+
+def test_ops_can_see_pending_approvals_and_failures_in_metrics(writes: Writes) -> None:
+    _pending(writes, writes.issue())
+    run = writes.open_run()
+    writes.call("POST", "/v1/escalations", json={"run_id": run, "reason": "unsure", "subject": "SUP-9"})
+    text = writes.call("GET", "/metrics", caller=None).text
+    assert 'metis_guardrails_actions{status="pending_approval"} 1.0' in text
+    assert 'metis_guardrails_actions{status="executed"} 0.0' in text
+    assert "metis_guardrails_escalations_open 1.0" in text
+    assert "metis_guardrails_notify_undelivered 2.0" in text
+    age = float(re.search(r"^metis_guardrails_oldest_pending_approval_seconds (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    assert 0 <= age < 60
