@@ -34,7 +34,7 @@ class ActionsCollector(Collector):
     def collect(self) -> Iterator[Any]:
         try:
             with self._pool.connection(timeout=2.0) as conn:
-                row = conn.execute(_QUERY).fetchone()
+                row: dict[str, Any] | None = conn.execute(_QUERY).fetchone()
         except Exception:  # the ledger collector already reports database trouble (metis_guardrails_ledger_up)
             log.warning("actions metrics unavailable", exc_info=True)
             return
