@@ -3,7 +3,7 @@ stuck executing, failed actions waiting for an operator, open escalations, undel
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -34,7 +34,7 @@ class ActionsCollector(Collector):
     def collect(self) -> Iterator[Any]:
         try:
             with self._pool.connection(timeout=2.0) as conn:
-                row: dict[str, Any] | None = conn.execute(_QUERY).fetchone()
+                row = cast("dict[str, Any] | None", conn.execute(_QUERY).fetchone())
         except Exception:  # the ledger collector already reports database trouble (metis_guardrails_ledger_up)
             log.warning("actions metrics unavailable", exc_info=True)
             return
