@@ -50,6 +50,36 @@ def notifier(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     proc.stop()
 
 
+@pytest.fixture
+def clean_db() -> None:
+    """Overrides the per-test TRUNCATE for this module: the expiry scenario runs across the module's tests (n8n
+    resumes timed-out executions once a minute), so every test filters by its own action, run and ticket."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _clean_after_module(database_url: str) -> Iterator[None]:
+    yield
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables "
+                            "WHERE schemaname = 'guardrails' AND tablename NOT IN ('schema_migrations', "
+                            "'service_info')").fetchall()
+        conn.execute("TRUNCATE " + ", ".join(r[0] for r in rows) + " RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def expiring(stack: Any, emulators: Any, notifier: Proc) -> dict[str, Any]:
+    """An approval nobody will answer, proposed before the module's other tests: n8n's timer (checked once a
+    minute) fires while they run, and the module's last test looks at what happened."""
+    t0 = time.monotonic()
+    r = propose_comment(stack, "SUP-999", "Restart the accrual job.", expires_in_seconds=1)
+    assert r.status_code == 201, r.text
+    a = r.json()
+    slack, mail = request_messages(emulators, a["id"])
+    return {"action": a, "slack": slack, "mail": mail, "t0": t0}
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Debian's Chromium driven by Playwright (never a downloaded browser)."""
@@ -95,15 +125,19 @@ def wait_for(fetch: Callable[[], Any], predicate: Callable[[Any], Any], timeout:
         time.sleep(0.05)
 
 
-def slack_about(emu: Any, ident: str) -> list[dict[str, Any]]:
-    return [m for m in emu.slack_messages() if ident in str(m["payload"])]
+def slack_about(emu: Any, *parts: str) -> list[dict[str, Any]]:
+    """Slack messages that contain every one of `parts`."""
+    return [m for m in emu.slack_messages() if all(p in str(m["payload"]) for p in parts)]
+
+
+def mails_about(emu: Any, ident: str) -> list[dict[str, Any]]:
+    return [m for m in emu.mail_messages() if ident in (m["text"] or "")]
 
 
 def request_messages(emu: Any, ident: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The Slack message and the e-mail asking for a decision on `ident`; both must carry the same form link."""
     slack = wait_for(lambda: slack_about(emu, ident), bool, what=f"Slack request for {ident}")[0]
-    mail = wait_for(lambda: [m for m in emu.mail_messages() if ident in (m["text"] or "")], bool,
-                    what=f"e-mail for {ident}")[0]
+    mail = wait_for(lambda: mails_about(emu, ident), bool, what=f"e-mail for {ident}")[0]
     return slack, mail
 
 
@@ -226,11 +260,11 @@ def test_approve_in_a_real_browser_writes_exactly_one_comment(stack, emu, notifi
     assert chain(stack, a["id"]) == [("action.proposed", "triage"), ("action.approval_requested", "n8n"),
                                      ("action.decided", "alice@example.com"), ("action.executed", "guardrails")]
     assert gr(stack, "GET", "/v1/audit/verify", caller="ops").json()["ok"] is True
-    report = wait_for(lambda: slack_about(emu, ":white_check_mark: Approved by alice@example.com"), bool,
+    report = wait_for(lambda: slack_about(emu, ":white_check_mark: Approved by alice@example.com", a["id"]), bool,
                       what="outcome in Slack")
     assert len(report) == 1
-    wait_for(lambda: stack.n8n.executions(APPROVAL_WORKFLOW), lambda rows: any(
-        row["status"] == "success" for row in rows), what="approval execution finished")
+    wait_for(lambda: approval_execution(stack, a["id"]), lambda e: e["status"] == "success",
+             what="approval execution finished")
     # The link is spent: opening it again shows no form, and nothing more is written.
     page = browser.new_page()
     page.goto(link, wait_until="domcontentloaded")
@@ -285,8 +319,11 @@ def test_an_allowlisted_write_executes_without_asking(stack, emu, notifier) -> N
     assert (a["status"], a["rule"], a["approval_id"]) == ("executed", "triage-labels", None)
     assert set(emu.jira_state()["issues"][key]["fields"]["labels"]) == {"category-timesheets", "metis-triaged"}
     assert chain(stack, a["id"]) == [("action.proposed", "triage"), ("action.executed", "guardrails")]
-    assert gr(stack, "GET", "/v1/actions", caller="ops", params={"status": "pending_approval"}).json() == []
-    assert emu.slack_messages() == [] and emu.mail_messages() == []  # nobody was asked
+    assert gr(stack, "GET", "/v1/actions", caller="ops", params={"status": "pending_approval",
+                                                                  "run_id": a["run_id"]}).json() == []
+    # Nobody was asked: nothing queued for n8n, nothing in Slack or the mailbox about it.
+    assert action(stack, a["id"])["approval_requests"] == []
+    assert slack_about(emu, key) == [] and mails_about(emu, key) == []
 
 
 def test_twenty_identical_proposals_at_once_ask_once_and_write_once(stack, emu, notifier, browser) -> None:
@@ -302,11 +339,11 @@ def test_twenty_identical_proposals_at_once_ask_once_and_write_once(stack, emu, 
     slack, _ = request_messages(emu, aid)
     decide_in_browser(browser, form_link(slack), "Approve", "carol@example.com")
     wait_for(lambda: action(stack, aid), lambda x: x["status"] == "executed", what="execution")
-    wait_for(lambda: slack_about(emu, ":white_check_mark:"), bool, what="outcome in Slack")
+    wait_for(lambda: slack_about(emu, ":white_check_mark:", aid), bool, what="outcome in Slack")
     assert len(emu.jira_state()["comments"][key]) == 1
-    mails = wait_for(emu.mail_messages, lambda m: len(m) >= 2, what="outcome e-mail")
-    assert len(slack_about(emu, "Approval needed")) == 1 and len(mails) == 2  # one request, one outcome
-    listed = gr(stack, "GET", "/v1/actions", caller="ops", params={"target": key}).json()
+    mails = wait_for(lambda: mails_about(emu, aid), lambda m: len(m) >= 2, what="outcome e-mail")
+    assert len(slack_about(emu, "Approval needed", aid)) == 1 and len(mails) == 2  # one request, one outcome
+    listed = gr(stack, "GET", "/v1/actions", caller="ops", params={"run_id": run}).json()
     assert [x["id"] for x in listed] == [aid]
 
 
@@ -318,27 +355,9 @@ def test_a_decision_after_the_deadline_is_refused_and_reported(stack, emu, notif
     wait_for(lambda: action(stack, a["id"]), lambda x: x["status"] == "expired", timeout=15, what="expiry")
     # ... while n8n still shows the form for a few seconds longer, so a decision at the deadline reaches guardrails.
     decide_in_browser(browser, form_link(slack), "Approve", "alice@example.com")
-    wait_for(lambda: slack_about(emu, ":hourglass: Expired"), bool, what="expiry reported")
+    wait_for(lambda: slack_about(emu, ":hourglass: Expired", a["id"]), bool, what="expiry reported")
     assert emu.jira_state()["comments"][key] == []
     assert [k for k, _ in chain(stack, a["id"])] == ["action.proposed", "action.approval_requested", "action.expired"]
-
-
-def test_nobody_decides_and_n8n_reports_the_expiry(stack, emu, notifier, browser) -> None:
-    """n8n's timer resumes the waiting execution (n8n checks its waiting executions once a minute)."""
-    key = emu.jira_seed([{"project": "SUP", "summary": "Leave accrual job failed overnight"}])[0]
-    t0 = time.monotonic()
-    a = propose_comment(stack, key, "Restart the accrual job.", expires_in_seconds=1).json()
-    slack, _ = request_messages(emu, a["id"])
-    wait_for(lambda: slack_about(emu, ":hourglass: Expired"), bool, timeout=90, what="n8n timeout reported")
-    print(f"\nexpiry reported by n8n {time.monotonic() - t0:.1f}s after the proposal (1 s window)")
-    done = action(stack, a["id"])
-    assert done["status"] == "expired" and emu.jira_state()["comments"][key] == []
-    assert [k for k, _ in chain(stack, a["id"])] == ["action.proposed", "action.approval_requested", "action.expired"]
-    wait_for(lambda: approval_execution(stack, a["id"]), lambda e: e["status"] == "success", what="execution ended")
-    page = browser.new_page()
-    page.goto(form_link(slack), wait_until="domcontentloaded")
-    assert page.query_selector("#field-0") is None  # the form is gone
-    page.close()
 
 
 def test_an_escalation_is_announced_and_closed_from_the_form(stack, emu, notifier, browser) -> None:
@@ -368,4 +387,46 @@ def test_an_escalation_is_announced_and_closed_from_the_form(stack, emu, notifie
     assert (done["resolution"], done["resolved_by"]) == ("resolved", "dana@example.com")
     wait_for(lambda: slack_about(emu, "resolved by dana@example.com"), bool, what="resolution in Slack")
     assert emu.jira_state()["comments"][key] == []  # an escalation never writes to the target system
-    assert gr(stack, "GET", "/v1/actions", caller="ops").json() == []
+    assert gr(stack, "GET", "/v1/actions", caller="ops", params={"run_id": e["run_id"]}).json() == []
+
+
+def test_nobody_decides_and_n8n_reports_the_expiry(stack, expiring, browser) -> None:
+    """Proposed when the module started, with a 1 s window: guardrails expired it at once, and n8n's timer —
+    it checks its waiting executions once a minute — resumed the workflow, which reported the expiry."""
+    a = expiring["action"]
+    execution = wait_for(lambda: approval_execution(stack, a["id"]), lambda e: e["status"] == "success", timeout=90,
+                         what="the approval workflow's timeout")
+    waited = time.monotonic() - expiring["t0"]
+    print(f"\nexpiry reported by n8n {waited:.1f}s after the proposal (1 s window)")
+    runs = n8n_outputs(stack, execution["id"])
+    assert "Record the decision" not in runs and runs["Expire"]["statusCode"] == 200
+    assert runs["Outcome"]["line"].startswith(":hourglass: Expired")
+    assert runs["Report to Slack"] == {"data": "ok"} and runs["Report by e-mail"]["accepted"] == ["approvers@example.com"]
+    done = action(stack, a["id"])
+    assert done["status"] == "expired" and done["attempts"] == 0
+    assert [k for k, _ in chain(stack, a["id"])] == ["action.proposed", "action.approval_requested", "action.expired"]
+    page = browser.new_page()
+    page.goto(form_link(expiring["slack"]), wait_until="domcontentloaded")
+    assert page.query_selector("#field-0") is None  # the form is gone
+    page.close()
+
+
+def n8n_outputs(stack: Any, execution_id: str) -> dict[str, Any]:
+    """The first output item of every node that ran in an n8n execution (run data is `flatted` JSON)."""
+    flat = stack.n8n.execution_data(execution_id)
+
+    def full(i: Any, depth: int = 0) -> Any:
+        v = flat[int(i)] if isinstance(i, str) and i.isdigit() else i
+        if isinstance(v, dict) and depth < 40:
+            return {k: full(x, depth + 1) for k, x in v.items()}
+        if isinstance(v, list) and depth < 40:
+            return [full(x, depth + 1) for x in v]
+        return v
+
+    runs = full(flat[0]["resultData"])["runData"]
+    out: dict[str, Any] = {}
+    for name, r in runs.items():
+        branches = [items for items in (r[-1].get("data") or {}).get("main") or [] if items]
+        if branches:
+            out[name] = branches[0][0]["json"]
+    return out
