@@ -44,6 +44,11 @@ def notifier(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     env.update({"METIS_NOTIFY_POLL_SECONDS": "0.2", "METIS_ACTIONS_SWEEP_SECONDS": "0.5"})
     proc = start_service("guardrails", env=env, port=free_port(), workers=1,
                          log_dir=tmp_path_factory.mktemp("guardrails-notifier"))
+    # Tests in this worker may have recorded other policies on this database; make config/policy.yaml (whose
+    # allowlist these tests rely on) the one in force, as an operator would. The reloading replica applies it
+    # at once; the notifier started from the same files.
+    r = services.post("guardrails", "/v1/policy/reload", caller="ops")
+    assert r.status_code == 200, r.text
     _STACK.append(stack)
     yield proc
     _STACK.clear()
@@ -73,7 +78,8 @@ def expiring(stack: Any, emulators: Any, notifier: Proc) -> dict[str, Any]:
     """An approval nobody will answer, proposed before the module's other tests: n8n's timer (checked once a
     minute) fires while they run, and the module's last test looks at what happened."""
     t0 = time.monotonic()
-    r = propose_comment(stack, "SUP-999", "Restart the accrual job.", expires_in_seconds=1)
+    # 3 s: long enough for the hand-off to n8n (the outbox skips actions that expired before it got there).
+    r = propose_comment(stack, "SUP-999", "Restart the accrual job.", expires_in_seconds=3)
     assert r.status_code == 201, r.text
     a = r.json()
     slack, mail = request_messages(emulators, a["id"])
@@ -391,13 +397,13 @@ def test_an_escalation_is_announced_and_closed_from_the_form(stack, emu, notifie
 
 
 def test_nobody_decides_and_n8n_reports_the_expiry(stack, expiring, browser) -> None:
-    """Proposed when the module started, with a 1 s window: guardrails expired it at once, and n8n's timer —
-    it checks its waiting executions once a minute — resumed the workflow, which reported the expiry."""
+    """Proposed when the module started with a 3 s window: guardrails expired it when the window closed, and
+    n8n's timer (it checks waiting executions once a minute) resumed the workflow, which reported the expiry."""
     a = expiring["action"]
     execution = wait_for(lambda: approval_execution(stack, a["id"]), lambda e: e["status"] == "success", timeout=90,
                          what="the approval workflow's timeout")
     waited = time.monotonic() - expiring["t0"]
-    print(f"\nexpiry reported by n8n {waited:.1f}s after the proposal (1 s window)")
+    print(f"\nexpiry reported by n8n {waited:.1f}s after the proposal (3 s window)")
     runs = n8n_outputs(stack, execution["id"])
     assert "Record the decision" not in runs and runs["Expire"]["statusCode"] == 200
     assert runs["Outcome"]["line"].startswith(":hourglass: Expired")

@@ -135,7 +135,7 @@ def test_no_crash_needed_for_an_abandoned_execution_to_be_recovered_by_the_sweep
           action_id, run, key,
           '{"body": {"type": "doc", "version": 1, "content": [{"type": "paragraph", "content": '
           '[{"type": "text", "text": "Never sent before the crash."}]}]}, "internal": false}')
-    assert w.svc.sweep()["recovered"] == 1
+    w.svc.sweep()  # (another replica's sweeper on this database may get there first: the outcome is the same)
     got = w.call("GET", f"/v1/actions/{action_id}", caller="ops").json()
     assert (got["status"], got["attempts"]) == ("executed", 2)
     assert [c["text"].strip() for c in w.comments(key)] == ["Never sent before the crash."]
