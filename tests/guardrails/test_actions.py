@@ -146,6 +146,9 @@ def test_envelope_errors_and_refusals(writes: Writes) -> None:
     # Keys are per proposer: digest's k-1 is another action.
     other = writes.open_run("digest")
     assert writes.propose(other, "add_comment", "SUP-1", {"body": "two"}, key="k-1", caller="digest").status_code == 201
+    spec = writes.call("GET", "/openapi.json").json()
+    assert {"/v1/actions", "/v1/actions/{action_id}/decision", "/v1/escalations"} <= set(spec["paths"])
+    assert "idempotency_key" in spec["components"]["schemas"]["ActionCreate"]["required"]
     writes.call("POST", f"/v1/runs/{run}/finish", json={"status": "succeeded", "outcome": {}})
     r = writes.propose(run, "add_comment", "SUP-1", {"body": "three"})
     assert r.status_code == 403 and r.json()["code"] == "run_closed"
