@@ -200,7 +200,9 @@ class Executors:
         if kind == "jira.add_comment":
             line = marker(action["id"])
             for comment in client.comments(key):
-                if line in adf_to_text(comment.get("body")):
+                # Only the comment's last paragraph counts: ticket text quoted in a comment cannot fake it.
+                blocks = (comment.get("body") or {}).get("content") or []
+                if blocks and adf_to_text(blocks[-1]).strip() == line:
                     return {"comment_id": str(comment.get("id")), "issue": key}
             return None
         if kind == "jira.link_issues":

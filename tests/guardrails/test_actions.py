@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from services.guardrails.executors import Limits
 from tests.guardrails.actions_support import Writes, make_writes, writes  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -373,3 +374,17 @@ def test_a_slack_message_of_unknown_outcome_needs_an_operator_to_force_it(make_w
                json={"actor": "olga", "reason": "checked #ops: it is not there", "force": True})
     assert r.json()["status"] == "executed"
     assert [m["text"] for m in w.emu.slack_messages()] == ["Weekly digest is ready.", "Second notice."]
+
+
+def test_a_quoted_marker_does_not_count_as_the_write(make_writes: Any) -> None:
+    """Reconciling looks for the marker as the comment's last line, so ticket text that quotes it is no proof."""
+    w = make_writes(ALLOW_COMMENTS)
+    run, key = w.open_run(), w.issue()
+    w.emu.jira_fault(f"/rest/api/3/issue/{key}/comment", method="POST", down=True, count=1)
+    a = w.propose(run, "add_comment", key, {"body": "First try."}).json()
+    assert a["outcome_unknown"] is True
+    # Someone else's comment quotes the marker line in its middle.
+    w.svc.executors.jira(Limits()).add_comment(key, f"Customer wrote:\n\nMetis action {a['id']}\n\nplease look")
+    done = w.call("POST", f"/v1/actions/{a['id']}/retry", caller="ops", json={"actor": "o", "reason": "r"}).json()
+    assert done["status"] == "executed" and done["result"]["comment_id"] != w.comments(key)[0]["id"]
+    assert len(w.comments(key)) == 2
