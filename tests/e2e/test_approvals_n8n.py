@@ -220,6 +220,13 @@ def decide_in_browser(browser: Any, url: str, decision: str, email: str, comment
         page.close()
 
 
+def ready(stack: Any, action_id: str) -> None:
+    """Wait until the approval workflow waits on its form (n8n leaves a form request unanswered while the
+    execution is still running — between the messages and the Wait node, or after a refused decision)."""
+    wait_for(lambda: approval_execution(stack, action_id), lambda e: e["status"] == "waiting",
+             what="the approval workflow waiting on its form")
+
+
 def approval_execution(stack: Any, action_id: str) -> dict[str, Any]:
     requests_ = wait_for(lambda: action(stack, action_id)["approval_requests"], bool, what="approval request recorded")
     assert len(requests_) == 1, requests_
@@ -247,12 +254,13 @@ def test_approve_in_a_real_browser_writes_exactly_one_comment(stack, emu, notifi
     link = form_link(slack)
     assert link in mail["links"] and "/form-waiting/" in link and "signature=" in link
     assert mail["to"] == "approvers@example.com" and key in mail["subject"]
-    wait_for(lambda: approval_execution(stack, a["id"]), lambda e: e["status"] == "waiting", what="n8n waiting")
+    ready(stack, a["id"])
 
     # Someone who is not an approver cannot approve; the same link stays usable for an approver.
     decide_in_browser(browser, link, "Approve", "mallory@evil.test")
     wait_for(lambda: slack_about(emu, "mallory@evil.test may not decide"), bool, what="not-an-approver notice")
     assert action(stack, a["id"])["status"] == "pending_approval" and emu.jira_state()["comments"][key] == []
+    ready(stack, a["id"])
 
     t1 = time.monotonic()
     page_text = decide_in_browser(browser, link, "Approve", "alice@example.com", "matches the runbook")
@@ -284,6 +292,7 @@ def test_reject_in_a_real_browser_writes_nothing(stack, emu, notifier, browser) 
     key = emu.jira_seed([{"project": "PAY", "summary": "Payslip shows wrong super rate"}])[0]
     a = propose_comment(stack, key, "Change the super rate to 11.5%.").json()
     slack, _ = request_messages(emu, a["id"])
+    ready(stack, a["id"])
     decide_in_browser(browser, form_link(slack), "Reject", "bob@example.com", "rate is set by payroll, not us")
     done = wait_for(lambda: action(stack, a["id"]), lambda x: x["status"] == "rejected", what="rejection")
     assert (done["approver"], done["decision_comment"], done["attempts"]) == \
@@ -343,6 +352,7 @@ def test_twenty_identical_proposals_at_once_ask_once_and_write_once(stack, emu, 
     assert len(ids) == 1
     aid = ids.pop()
     slack, _ = request_messages(emu, aid)
+    ready(stack, aid)
     decide_in_browser(browser, form_link(slack), "Approve", "carol@example.com")
     wait_for(lambda: action(stack, aid), lambda x: x["status"] == "executed", what="execution")
     wait_for(lambda: slack_about(emu, ":white_check_mark:", aid), bool, what="outcome in Slack")
@@ -357,6 +367,7 @@ def test_a_decision_after_the_deadline_is_refused_and_reported(stack, emu, notif
     key = emu.jira_seed([{"project": "SUP", "summary": "Award rule change for weekend rates"}])[0]
     a = propose_comment(stack, key, "Apply the new weekend penalty rate.", expires_in_seconds=3).json()
     slack, _ = request_messages(emu, a["id"])
+    ready(stack, a["id"])
     # guardrails owns the deadline: its sweeper expires the action at expires_at ...
     wait_for(lambda: action(stack, a["id"]), lambda x: x["status"] == "expired", timeout=15, what="expiry")
     # ... while n8n still shows the form for a few seconds longer, so a decision at the deadline reaches guardrails.
@@ -379,6 +390,8 @@ def test_an_escalation_is_announced_and_closed_from_the_form(stack, emu, notifie
     assert "the ticket asks for a destructive change" in str(slack["payload"]) and key in mail["subject"]
     link = form_link(slack)
     assert link in mail["links"]
+    wait_for(lambda: stack.n8n.executions(ESCALATION_WORKFLOW), lambda rows: rows and rows[0]["status"] == "waiting",
+             what="the escalation workflow waiting on its form")
     page = browser.new_page()
     page.goto(link, wait_until="domcontentloaded")
     page.wait_for_selector("#field-0")
