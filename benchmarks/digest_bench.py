@@ -14,6 +14,7 @@ Results: benchmarks/digest_results/<name>.json. The machine is shared: quote med
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import json
 import os
@@ -23,6 +24,7 @@ import secrets
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -250,10 +252,18 @@ CONTEXTS = ["after upgrade", "since last week", "for casual staff", "in the Marc
             "for new starters", "in the Sydney entity", "for salaried employees", "after the hotfix", "intermittently"]
 
 
+# Sentences people write (not stack frames, imports, build logs or URLs): tickets, not log pastes.
+CODE = re.compile(r"\.java|org\.apache|\bimport |\[(?:INFO|ERROR|WARNING)\]|https?://|^at |\bat [a-z]+\.[a-z]|[{}<>=`]|^\W")
+
+
 class TextPool:
-    """Distinct issue texts: summaries and description sentences of real bug reports (gitbugs-hadoop), each
-    handed out at most twice (the second time with a context), so background tickets rarely form clusters of
-    three by construction — the recurring problems are the planted ones."""
+    """Distinct one-line texts about software behaving (badly), each handed out once: summaries and
+    description sentences of real bug reports (gitbugs-hadoop, minus stack frames, imports and log lines)
+    and first lines of docstrings of the installed scientific packages (~30,000 in all). Background
+    tickets then cluster only where their texts really are alike; the recurring problems are the planted
+    ones."""
+
+    PACKAGES = ("scipy", "sklearn", "numpy", "sympy", "networkx", "torch")
 
     def __init__(self, rng: random.Random) -> None:
         pool: set[str] = set()
@@ -262,13 +272,30 @@ class TextPool:
         for summary, desc in rows:
             pool.add(summary.strip())
             for raw in re.split(r"(?<=[.!?])\s+|\n+", desc):
-                sentence = " ".join(raw.split())
-                if 30 <= len(sentence) <= 200 and re.search(r"[a-z]{3}", sentence) and not re.search(r"[{}<>=]", sentence):
-                    pool.add(sentence)
+                self._add(pool, raw)
+        site = Path(sysconfig.get_paths()["purelib"])
+        for pkg in self.PACKAGES:
+            for path in sorted((site / pkg).rglob("*.py")):
+                try:
+                    tree = ast.parse(path.read_text(errors="replace"))
+                except (SyntaxError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                        doc = ast.get_docstring(node)
+                        if doc:
+                            self._add(pool, doc.strip().split("\n\n")[0])
         self.items = sorted(pool)
         rng.shuffle(self.items)
         self.rng = rng
         self.i = 0
+
+    @staticmethod
+    def _add(pool: set[str], raw: str) -> None:
+        sentence = " ".join(raw.split())
+        if (30 <= len(sentence) <= 200 and not CODE.search(sentence)
+                and len(re.findall(r"\b[a-z]{3,}\b", sentence)) >= 4):
+            pool.add(sentence)
 
     def next(self) -> tuple[str, str]:
         text = self.items[self.i % len(self.items)]

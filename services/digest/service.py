@@ -425,6 +425,12 @@ def run_patterns(deps: Deps, req: JobRequest) -> dict[str, Any]:
         tickets, scanned = fetch_tickets(deps, jql, description=rules.description_chars > 0)
     current = [t for t in tickets if start <= t.created < as_of]
     previous = [t for t in tickets if prev_start <= t.created < start]
+    if deps.embedder is not None:
+        with timer("model"):  # loads on first use; reported apart from the embedding itself
+            try:
+                deps.embedder()
+            except EmbedderUnavailable as exc:
+                raise SourceUnavailable(str(exc), extra={"source": "embedder"}) from exc
     with timer("embed"):
         vecs, new, cached = embed_tickets(deps, current + previous, rules)
     with timer("cluster"):
