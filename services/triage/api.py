@@ -82,7 +82,11 @@ def _finish_submission(run_id: str, ticket_key: str, stored: dict[str, Any], *, 
         try:
             submission = service.submit(response, engine().guardrails)
         except GuardrailsError as exc:
-            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (404, 408, 409, 429):
+            # A reused idempotency key with a different write is a conflict that no retry resolves.
+            permanent_conflict = (exc.status == 409 and isinstance(exc.body, dict)
+                                  and exc.body.get("code") == "idempotency_key_reused")
+            if exc.status is not None and 400 <= exc.status < 500 and (
+                    exc.status not in (404, 408, 409, 429) or permanent_conflict):
                 # Guardrails refused the proposal itself (e.g. invalid payload): record it, never loop.
                 submission = {"actions": [], "escalation": None, "error": str(exc), "status": exc.status}
             else:
