@@ -265,7 +265,20 @@ class TextPool:
 
     PACKAGES = ("scipy", "sklearn", "numpy", "sympy", "networkx", "torch")
 
+    CACHE = Path(os.environ.get("METIS_CACHE", str(Path.home() / ".cache" / "metis"))) / "digest-text-pool-v1.json"
+
     def __init__(self, rng: random.Random) -> None:
+        if self.CACHE.exists():
+            self.items = json.loads(self.CACHE.read_text())
+        else:
+            self.items = sorted(self._build())
+            self.CACHE.parent.mkdir(parents=True, exist_ok=True)
+            self.CACHE.write_text(json.dumps(self.items))
+        rng.shuffle(self.items)
+        self.rng = rng
+        self.i = 0
+
+    def _build(self) -> set[str]:
         pool: set[str] = set()
         with open(GITBUGS, newline="") as fh:
             rows = [(r["Summary"], r["Description"]) for r in csv.DictReader(fh)]
@@ -285,10 +298,7 @@ class TextPool:
                         doc = ast.get_docstring(node)
                         if doc:
                             self._add(pool, doc.strip().split("\n\n")[0])
-        self.items = sorted(pool)
-        rng.shuffle(self.items)
-        self.rng = rng
-        self.i = 0
+        return pool
 
     @staticmethod
     def _add(pool: set[str], raw: str) -> None:
