@@ -10,9 +10,9 @@ import logging
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -34,7 +34,6 @@ from .sources import Sources, SourceUnavailable, iter_issues, jql_and, jql_time,
 from .tickets import Ticket, parse_time, ticket_from_issue
 
 log = logging.getLogger(__name__)
-KINDS = ("monitor", "weekly", "patterns", "health")
 MAX_LISTED_FINDINGS = 1000  # archived and returned; a scan with more says how many were left out
 
 
@@ -98,7 +97,7 @@ def fetch_tickets(deps: Deps, jql: str, *, description: bool = False) -> tuple[l
 
 
 def fetch_accounts(deps: Deps) -> tuple[list[Account], list[dict[str, Any]] | None]:
-    """Salesforce accounts (and open cases when asked); empty when Salesforce is not configured."""
+    """Salesforce accounts with their raw records; empty when Salesforce is not configured."""
     sf = deps.sources.salesforce
     if sf is None:
         return [], None
@@ -110,6 +109,7 @@ def fetch_accounts(deps: Deps) -> tuple[list[Account], list[dict[str, Any]] | No
 
 
 def fetch_cases(deps: Deps) -> list[dict[str, Any]]:
+    """Open Salesforce cases (the configured SOQL); empty when Salesforce is not configured."""
     sf = deps.sources.salesforce
     if sf is None:
         return []
