@@ -220,3 +220,27 @@ def first(items: Iterable[Any], pred: Callable[[Any], bool]) -> Any:
         if pred(item):
             return item
     return None
+
+
+def add_control_routes(app: Flask, name: str, *, faults: FaultInjector, reset: Callable[[], None]) -> None:
+    """The control endpoints every emulator shares: fault injection, reset and health."""
+
+    @app.post(f"/_emulator/{name}/faults")
+    def add_fault() -> Response:
+        faults.add(control_json())
+        return jsonify({"faults": faults.describe()})
+
+    @app.delete(f"/_emulator/{name}/faults")
+    def clear_faults() -> Response:
+        faults.clear()
+        return jsonify({"ok": True})
+
+    @app.post("/_emulator/reset")
+    def reset_state() -> Response:
+        reset()
+        faults.clear()
+        return jsonify({"ok": True})
+
+    @app.get("/_emulator/health")
+    def health() -> Response:
+        return jsonify({"ok": True, "emulator": name})

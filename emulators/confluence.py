@@ -20,7 +20,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from emulators import jira_jql
-from emulators.common import FaultInjector, add_control_error_handler, apply_fault, control_json
+from emulators.common import FaultInjector, add_control_routes, add_control_error_handler, apply_fault, control_json
 from emulators.jira_model import now_utc, parse_ts
 
 
@@ -321,24 +321,6 @@ def create_app(*, user: str, token: str) -> tuple[Flask, ConfluenceSite]:
                             "pages": {p.id: {**site.page_json(p, "storage"), "versions": [site.version_json(v) for v in p.versions]}
                                       for p in site.pages.values()}})
 
-    @app.post("/_emulator/confluence/faults")
-    def add_fault() -> Response:
-        faults.add(control_json())
-        return jsonify({"faults": faults.describe()})
-
-    @app.delete("/_emulator/confluence/faults")
-    def clear_faults() -> Response:
-        faults.clear()
-        return jsonify({"ok": True})
-
-    @app.post("/_emulator/reset")
-    def reset() -> Response:
-        site.reset()
-        faults.clear()
-        return jsonify({"ok": True})
-
-    @app.get("/_emulator/health")
-    def health() -> Response:
-        return jsonify({"ok": True, "emulator": "confluence"})
+    add_control_routes(app, "confluence", faults=faults, reset=site.reset)
 
     return app, site

@@ -28,7 +28,7 @@ from typing import Any, Callable
 from flask import Flask, Response, jsonify, request
 
 from emulators import jira_jql
-from emulators.common import FaultInjector, add_control_error_handler, apply_fault, control_json
+from emulators.common import FaultInjector, add_control_routes, add_control_error_handler, apply_fault, control_json
 from emulators.jira_model import (ISSUE_TYPES, PRIORITIES, RESOLUTIONS, STATUSES, TRANSITIONS, EDITABLE, LINK_TYPES,
                                   Comment, Issue, JiraSite, Link, SiteResolver, adf_error, adf_to_text, fmt_ts,
                                   now_utc, parse_ts, text_to_adf)
@@ -855,26 +855,10 @@ def create_app(*, user: str, token: str, default_secret: str | None = None) -> t
         spec = control_json()
         return jsonify(hub.redeliver(spec.get("identifier")).public())
 
-    @app.post("/_emulator/jira/faults")
-    def add_fault() -> Response:
-        spec = control_json()
-        faults.add(spec)
-        return jsonify({"faults": faults.describe()})
-
-    @app.delete("/_emulator/jira/faults")
-    def clear_faults() -> Response:
-        faults.clear()
-        return jsonify({"ok": True})
-
-    @app.post("/_emulator/reset")
-    def reset() -> Response:
+    def reset_all() -> None:
         site.reset()
         hub.reset()
-        faults.clear()
-        return jsonify({"ok": True})
 
-    @app.get("/_emulator/health")
-    def health() -> Response:
-        return jsonify({"ok": True, "emulator": "jira"})
+    add_control_routes(app, "jira", faults=faults, reset=reset_all)
 
     return app, site

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
 
-from emulators.common import FaultInjector, add_control_error_handler, apply_fault, control_json
+from emulators.common import FaultInjector, add_control_routes, add_control_error_handler, apply_fault, control_json
 
 ID_PREFIX = {"Account": "001", "Contact": "003", "Case": "500", "Opportunity": "006"}
 BASE_FIELDS = {
@@ -523,25 +523,7 @@ def create_app(*, client_id: str, client_secret: str) -> tuple[Flask, Org]:
             org.tokens.clear()
         return jsonify({"ok": True})
 
-    @app.post("/_emulator/salesforce/faults")
-    def add_fault() -> Response:
-        faults.add(control_json())
-        return jsonify({"faults": faults.describe()})
-
-    @app.delete("/_emulator/salesforce/faults")
-    def clear_faults() -> Response:
-        faults.clear()
-        return jsonify({"ok": True})
-
-    @app.post("/_emulator/reset")
-    def reset() -> Response:
-        org.reset()
-        faults.clear()
-        return jsonify({"ok": True})
-
-    @app.get("/_emulator/health")
-    def health() -> Response:
-        return jsonify({"ok": True, "emulator": "salesforce"})
+    add_control_routes(app, "salesforce", faults=faults, reset=org.reset)
 
     @app.errorhandler(404)
     def nf(_: Exception) -> Response:

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 from flask import Flask, Response, jsonify, request
 
-from emulators.common import FaultInjector, Recorder, add_control_error_handler, apply_fault, control_json
+from emulators.common import FaultInjector, add_control_routes, Recorder, add_control_error_handler, apply_fault, control_json
 
 PATH_RE = re.compile(r"^T[A-Z0-9]{2,}/B[A-Z0-9]{2,}/[A-Za-z0-9]{8,64}$")
 BLOCK_TYPES = {"section", "divider", "actions", "context", "header", "image", "input", "rich_text", "video", "file",
@@ -138,16 +138,6 @@ def create_app() -> tuple[Flask, Recorder]:
     def list_messages() -> Response:
         return jsonify({"messages": messages.all()})
 
-    @app.post("/_emulator/slack/faults")
-    def add_fault() -> Response:
-        faults.add(control_json())
-        return jsonify({"faults": faults.describe()})
-
-    @app.delete("/_emulator/slack/faults")
-    def clear_faults() -> Response:
-        faults.clear()
-        return jsonify({"ok": True})
-
     @app.post("/_emulator/slack/revoke")
     def revoke() -> Response:
         """Make one webhook URL path (`T…/B…/secret`) answer 404 no_service from now on."""
@@ -159,17 +149,12 @@ def create_app() -> tuple[Flask, Recorder]:
             revoked.add(hook)
         return jsonify({"ok": True})
 
-    @app.post("/_emulator/reset")
-    def reset() -> Response:
+    def reset_all() -> None:
         messages.clear()
-        faults.clear()
         with lock:
             revoked.clear()
-        return jsonify({"ok": True})
 
-    @app.get("/_emulator/health")
-    def health() -> Response:
-        return jsonify({"ok": True, "emulator": "slack"})
+    add_control_routes(app, "slack", faults=faults, reset=reset_all)
 
     @app.errorhandler(404)
     def not_found(_: Exception) -> Response:
