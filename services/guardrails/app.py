@@ -1,10 +1,13 @@
 """Application factory for the guardrails service — wiring only."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
+from datetime import datetime
 from typing import Any, Callable
+from zoneinfo import ZoneInfo
 
 import requests
 from flask import Flask
@@ -35,6 +38,8 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
     settings = settings or Settings.from_env("guardrails")
     extra = settings.extra
     policy = load_policy(settings.config_dir)
+    for warning in policy.retirement_warnings(datetime.now(ZoneInfo(policy.timezone)).date()):
+        logging.getLogger("metis.guardrails").warning("policy: %s", warning)
     # The gateway's own pool: autocommit (one round trip per ledger statement) and no borrow-time ping.
     # METIS_LEDGER_SYNC_COMMIT=off trades durability for latency: a reservation is acknowledged before its WAL
     # record reaches disk, so a PostgreSQL crash in the next ~0.6 s can forget it while the call it admitted

@@ -8,6 +8,8 @@ from __future__ import annotations
 import getpass
 import json
 import sys
+from datetime import datetime
+from zoneinfo import ZoneInfo
 from typing import Any
 
 import click
@@ -113,6 +115,8 @@ def check(config_dir: str) -> None:
     except PolicyError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
+    for line in p.retirement_warnings(datetime.now(ZoneInfo(p.timezone)).date()):
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"policy OK ({len(p.tasks)} tasks, {len(p.prices)} priced models, digest {p.digest[:12]})")
 
 

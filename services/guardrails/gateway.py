@@ -7,7 +7,9 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Iterator, Mapping
+from zoneinfo import ZoneInfo
 
 import psycopg
 import psycopg_pool
@@ -491,6 +493,10 @@ class Gateway:
         priced = policy.resolve_model(model)
         if priced is None or priced not in policy.tiers:
             return "model_not_allowed", f"model {model!r} has no price or tier in the policy"
+        retired = policy.retired_on(priced, datetime.now(ZoneInfo(policy.timezone)).date())
+        if retired is not None:
+            return "model_retired", (f"model {model!r} was retired upstream on {retired.isoformat()}; "
+                                     "the policy must move this task to its successor")
         if priced not in tp.models:
             return "model_not_allowed", (f"model {model!r} is not allowed for task {task!r} "
                                          f"(allowed: {', '.join(tp.models)})")

@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Mapping
@@ -94,6 +95,10 @@ class ModelsSchema(Schema):
                         values=fields.String(validate=validate.OneOf(TIERS)), required=True)
     scheduled_tiers = fields.List(fields.String(validate=validate.OneOf(TIERS)), required=True)
     justification_min_chars = fields.Integer(load_default=20, strict=True, validate=validate.Range(min=1, max=2000))
+    # Upstream retirement dates (model -> date). A task may not name a model past its date: every call
+    # to it would fail while nobody watches. `metis policy check` warns ahead of the date.
+    retirements = fields.Dict(keys=fields.String(validate=validate.Regexp(_NAME)), values=fields.Date(),
+                              load_default=dict)
 
 
 class InputBoundSchema(Schema):
@@ -200,6 +205,7 @@ class Policy:
     actions: ActionPolicy
     digest: str
     raw: Mapping[str, Any] = field(repr=False)
+    retirements: Mapping[str, date] = field(default_factory=dict)
 
     def resolve_model(self, model: str) -> str | None:
         """The priced model name for a requested id (dated ids map to their undated name), or None."""
@@ -212,6 +218,24 @@ class Policy:
 
     def tier(self, model: str) -> str:
         return self.tiers[model]
+
+    def retired_on(self, model: str, today: date) -> date | None:
+        """The upstream retirement date of a priced model if it has passed (calls to it would fail)."""
+        when = self.retirements.get(model)
+        return when if when is not None and when <= today else None
+
+    def retirement_warnings(self, today: date, *, within_days: int = 30) -> list[str]:
+        """One line per task model that is retired or retires within `within_days` of `today`."""
+        out = []
+        for name, task in sorted(self.tasks.items()):
+            for model in task.models:
+                when = self.retirements.get(model)
+                if when is None or (when - today).days > within_days:
+                    continue
+                verb = "was retired" if when <= today else "retires"
+                out.append(f"task {name!r}: model {model!r} {verb} upstream on {when.isoformat()}; "
+                           "calls to it are refused from that day — move the task to its successor")
+        return out
 
 
 def _flatten(messages: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -245,6 +269,8 @@ def _rate(dec: Decimal) -> int:
 
 def build_policy(policy_doc: Any, prices_doc: Any, *, source: str = "") -> Policy:
     """Validate both documents together and build a Policy, raising PolicyError with every problem."""
+    # YAML turns 2026-11-30 into a date; the documents are stored as JSON and hashed, so keep them JSON.
+    policy_doc, prices_doc = (json.loads(json.dumps(d, default=str)) for d in (policy_doc, prices_doc))
     errors: list[tuple[str, str]] = []
     pol: dict[str, Any] = {}
     pri: dict[str, Any] = {}
@@ -270,6 +296,9 @@ def build_policy(policy_doc: Any, prices_doc: Any, *, source: str = "") -> Polic
     for model in tiers:
         if model not in prices:
             errors.append((f"policy.models.tiers.{model}", "has no price in prices.yaml"))
+    for model in pol["models"]["retirements"]:
+        if model not in tiers:
+            errors.append((f"policy.models.retirements.{model}", "has no tier in models.tiers"))
     for name, task in pol["tasks"].items():
         for i, model in enumerate(task["models"]):
             if model not in tiers:
@@ -315,6 +344,7 @@ def build_policy(policy_doc: Any, prices_doc: Any, *, source: str = "") -> Polic
         prices=prices,
         actions=build_action_policy(pol["actions"]),
         digest=digest,
+        retirements=dict(pol["models"]["retirements"]),
         raw={"policy": policy_doc, "prices": prices_doc, "source": source},
     )
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import anthropic
 import psycopg
@@ -55,9 +56,9 @@ def test_settlement_prices_every_token_kind(gw, emu, sql):
                                                         "ephemeral_1h_input_tokens": 3000}}}])
     c = gw.client("triage")
     run = c.open_run("triage", trigger="manual")
-    raw = c.anthropic(run.id).messages.with_raw_response.create(model="claude-sonnet-4-5", max_tokens=600,
+    raw = c.anthropic(run.id).messages.with_raw_response.create(model="claude-sonnet-4-6", max_tokens=600,
                                                                 messages=MSG)
-    # Sonnet 4.5 per token in nano-USD: input 3000, output 15000, 5m 3750, 1h 6000, read 300.
+    # Sonnet 4.6 per token in nano-USD: input 3000, output 15000, 5m 3750, 1h 6000, read 300.
     nanos = 1000 * 3000 + 500 * 15000 + 2000 * 3750 + 3000 * 6000 + 4000 * 300
     assert int(raw.headers["x-metis-cost-micros"]) == nanos // 1000 == 37_200
     entry = sql.execute("SELECT data FROM guardrails.audit_log WHERE kind = 'llm.call'").fetchone()["data"]
@@ -67,9 +68,9 @@ def test_settlement_prices_every_token_kind(gw, emu, sql):
                                            "cache_write_1h": 18_000_000, "cache_read": 1_200_000}
     assert entry["cache_hit_tokens"] == 4000 and entry["cost_micros"] == 37_200
     text = requests.get(gw.url + "/metrics", timeout=5).text
-    assert 'metis_llm_tokens_total{kind="cache_read",model="claude-sonnet-4-5",task="triage"} 4000.0' in text
+    assert 'metis_llm_tokens_total{kind="cache_read",model="claude-sonnet-4-6",task="triage"} 4000.0' in text
     # Cache reads saved (3000 - 300) nano-USD per token versus the uncached price.
-    assert 'metis_llm_cache_savings_usd_total{model="claude-sonnet-4-5",task="triage"} 0.0108' in text
+    assert 'metis_llm_cache_savings_usd_total{model="claude-sonnet-4-6",task="triage"} 0.0108' in text
 
 
 def test_missing_max_tokens_is_refused_before_any_reservation(gw, emu, sql):
@@ -146,9 +147,29 @@ def test_model_policy_denials_are_typed_and_never_retried(gw, emu, sql):
     # Scheduled runs only get cheap models even when the task allows more.
     sched = c.open_run("digest", trigger="schedule")
     with pytest.raises(BudgetDenied) as exc:
-        c.anthropic(sched.id).messages.create(model="claude-sonnet-4-5", max_tokens=16, messages=MSG)
+        c.anthropic(sched.id).messages.create(model="claude-sonnet-4-6", max_tokens=16, messages=MSG)
     assert exc.value.reason == "model_tier_not_allowed"
     assert c.anthropic(sched.id).messages.create(model=HAIKU, max_tokens=16, messages=MSG).usage.output_tokens > 0
+
+
+def test_a_model_past_its_retirement_date_is_refused_before_any_money_or_upstream_call(make_guardrails, emu, sql):
+    # Haiku 4.5 "retired" yesterday, Sonnet 4.6 only tomorrow: the first is refused, the second still works.
+    today = datetime.now(timezone.utc).date()
+    gw = make_guardrails({"models": {"retirements": {"claude-haiku-4-5": (today - timedelta(days=1)).isoformat(),
+                                                     "claude-sonnet-4-6": (today + timedelta(days=1)).isoformat()}}},
+                         anthropic_url=emu.anthropic_url, anthropic_key=emu.anthropic_key)
+    c = gw.client("triage")
+    run = c.open_run("triage", trigger="manual")
+    with pytest.raises(BudgetDenied) as exc:
+        c.anthropic(run.id, max_retries=5).messages.create(model="claude-haiku-4-5-20251001", max_tokens=16,
+                                                           messages=MSG)
+    assert exc.value.reason == "model_retired" and exc.value.status == 403
+    assert (today - timedelta(days=1)).isoformat() in str(exc.value)
+    assert emu.anthropic_requests() == [] and _reservations(sql, run.id) == []
+    assert c.anthropic(run.id).messages.create(model="claude-sonnet-4-6", max_tokens=16,
+                                               messages=MSG).usage.output_tokens > 0
+    assert any("claude-haiku-4-5" in w and "was retired" in w for w in gw.policy.retirement_warnings(today))
+    assert any("claude-sonnet-4-6" in w and "retires" in w for w in gw.policy.retirement_warnings(today))
 
 
 def test_top_tier_needs_policy_and_justification(gw, emu):

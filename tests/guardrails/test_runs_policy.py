@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,34 @@ from tests.guardrails.conftest import ROOT, write_config
 def test_repo_config_is_valid():
     p = load_policy(ROOT / "config")
     assert p.tasks["triage"].run_cap_micros == 500_000
-    assert p.prices["claude-sonnet-4-5"].cache_read == 300  # $0.30 / Mtok = 300 nano-USD per token
+    assert p.prices["claude-sonnet-4-6"].cache_read == 300  # $0.30 / Mtok = 300 nano-USD per token
     assert p.resolve_model("claude-haiku-4-5-20251001") == "claude-haiku-4-5"
+
+
+def test_retirement_dates_parse_from_yaml_and_check_warns_ahead(tmp_path):
+    soon = (date.today() + timedelta(days=10)).isoformat()
+    cfg = write_config(tmp_path / "c", {"models": {"retirements": {"claude-sonnet-4-6": soon}}})
+    text = (cfg / "policy.yaml").read_text()
+    assert f"claude-sonnet-4-6: '{soon}'" in text or f"claude-sonnet-4-6: {soon}" in text
+    p = load_policy(cfg)
+    assert p.retirements["claude-sonnet-4-6"] == date.fromisoformat(soon)
+    out = CliRunner().invoke(cli.policy, ["check", "--config-dir", str(cfg)])
+    assert out.exit_code == 0, out.output
+    assert "warning: task 'digest': model 'claude-sonnet-4-6' retires upstream on " + soon in out.output
+    # The repo's own policy names no task model that is already retired.
+    repo = load_policy(ROOT / "config")
+    assert not any("was retired" in w for w in repo.retirement_warnings(date.today()))
+
+
+def test_retirement_of_an_unknown_model_or_a_bad_date_is_an_error(tmp_path):
+    bad_date = write_config(tmp_path / "a", {"models": {"retirements": {"claude-haiku-4-5": "soon"}}})
+    with pytest.raises(PolicyError) as exc:
+        load_policy(bad_date)
+    assert [p for p, _ in exc.value.errors if p.startswith("policy.models.retirements.claude-haiku-4-5")]
+    unknown = write_config(tmp_path / "b", {"models": {"retirements": {"claude-nope-1": "2027-01-01"}}})
+    with pytest.raises(PolicyError) as exc:
+        load_policy(unknown)
+    assert exc.value.errors == [("policy.models.retirements.claude-nope-1", "has no tier in models.tiers")]
 
 
 def test_invalid_config_lists_every_error_by_path_and_stops_the_service(tmp_path, make_settings):
