@@ -2,7 +2,6 @@
 human must look, and build the proposals or the escalation — by code only, never by the model."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -10,14 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from shared.connectors.adf import adf_to_text
-from shared.signatures import verify_jira_signature
+from shared.jira_webhooks import JIRA_KEY, WebhookRejected, issue_external_id, parse_jira_webhook
 
 from .config import Taxonomy, TriageConfig
 from .prompt import LlmAnswer, MalformedOutput, build_request, build_user_message, parse_answer, retry_messages
 
 log = logging.getLogger(__name__)
 
-JIRA_KEY = re.compile(r"^[A-Z][A-Z0-9_]{0,30}-[1-9][0-9]{0,9}$")
 _URL = re.compile(r"(?i)\b(?:https?|ftp|file|javascript|data):[^\s<>()\]\"']+")
 _MENTION = re.compile(r"\[~[^\]]{1,100}\]|@(?:channel|here|everyone|all)\b", re.I)
 
@@ -734,42 +732,15 @@ def submit(response: Mapping[str, Any], guardrails: Any) -> dict[str, Any]:
 ACCEPTED_EVENTS = frozenset({"jira:issue_created"})
 
 
-class IntakeRejected(Exception):
-    """A delivery that must not be triaged: recorded, answered with a 4xx, nothing runs."""
-
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
+# A delivery that must not be triaged: recorded, answered with a 4xx, nothing runs (shared with dedupe's intake).
+IntakeRejected = WebhookRejected
 
 
 def parse_webhook(body: bytes, signature: str | None, secret: str | None) -> tuple[str, dict[str, Any]]:
     """Verify the signature first (nothing is parsed from an unsigned body), then the event and the issue."""
-    if not secret:
-        raise IntakeRejected(503, "webhook_secret_missing", "the Jira webhook secret is not configured")
-    if not verify_jira_signature(secret, body, signature):
-        raise IntakeRejected(401, "invalid_signature", "X-Hub-Signature is missing or does not match the body")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IntakeRejected(400, "malformed_body", f"the body is not JSON: {exc}"[:200]) from exc
-    if not isinstance(doc, dict):
-        raise IntakeRejected(400, "malformed_body", "the body must be a JSON object")
-    event = doc.get("webhookEvent")
-    if not isinstance(event, str) or not event:
-        raise IntakeRejected(400, "missing_event", "webhookEvent is missing")
-    if event not in ACCEPTED_EVENTS:
-        raise IntakeRejected(422, "unknown_event", f"event {event[:60]!r} is not triaged "
-                                                   f"(accepted: {', '.join(sorted(ACCEPTED_EVENTS))})")
-    issue = doc.get("issue")
-    if not isinstance(issue, dict) or not isinstance(issue.get("key"), str) or not isinstance(issue.get("fields"), dict):
-        raise IntakeRejected(400, "missing_issue", "issue (with key and fields) is missing")
-    if not JIRA_KEY.match(issue["key"]):
-        raise IntakeRejected(400, "missing_issue", "issue.key is not a Jira issue key")
-    return event, issue
+    return parse_jira_webhook(body, signature, secret, events=ACCEPTED_EVENTS, purpose="triaged")
 
 
 def external_id(issue: Mapping[str, Any]) -> str:
     """The run's external id: one per Jira issue, so webhook redeliveries and the polling twin share it."""
-    return f"jira-issue:{issue.get('id') or issue.get('key')}"
+    return issue_external_id(issue)
