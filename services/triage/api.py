@@ -17,8 +17,8 @@ from shared.web import ctx
 from . import repository as repo
 from . import service
 from .clients import DedupeClient, GuardrailsClient, GuardrailsError
-from .schemas import (IntakeQuery, IntakeRead, IntakeRecordRead, JiraPollCreate, PollCreate, PollRead,
-                      TriageCreate, TriageRead)
+from .schemas import (IntakeQuery, IntakeRead, IntakeRecordRead, IntakeRefusalCreate, IntakeRefusalRead,
+                      JiraPollCreate, PollCreate, PollRead, TriageCreate, TriageRead)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ def _finish_submission(run_id: str, ticket_key: str, stored: dict[str, Any], *, 
             if exc.status is not None and 400 <= exc.status < 500 and (
                     exc.status not in (404, 408, 409, 429) or permanent_conflict):
                 # Guardrails refused the proposal itself (e.g. invalid payload): record it, never loop.
-                submission = {"actions": [], "escalation": None, "error": str(exc), "status": exc.status}
+                code = exc.body.get("code") if isinstance(exc.body, dict) else None
+                submission = {"actions": [], "escalation": None, "error": str(exc), "status": exc.status,
+                              "code": code}
             else:
                 raise Unavailable(f"guardrails did not take the proposals: {exc}; retry the call "
                                   "(the stored triage is reused, the model is not called again)",
@@ -184,6 +186,22 @@ def _claim(source: str, issue: dict[str, Any], *, delivery: str | None, event: s
                 "ticket": None, "reason": "this ticket was already accepted for triage"}
     return {"outcome": "accepted", "issue_key": key, "external_id": service.external_id(issue),
             "ticket": service.ticket_from_jira_issue(issue), "reason": None}
+
+
+@api.route("/v1/intake/refused", methods=["POST"], body=IntakeRefusalCreate, response=IntakeRefusalRead,
+           callers=CALLERS)
+def intake_refused(body: dict[str, Any]) -> dict[str, Any]:
+    """Guardrails refused (or could not open) the run of a ticket just accepted: record why, give up the claim."""
+    status, code, key = body["status"], body["code"], body["issue_key"]
+    detail = f"guardrails answered {status}: {body['detail'] or code}" if status else \
+        f"guardrails did not answer: {body['detail'] or code}"
+    with transaction(ctx().pool) as conn:
+        released = repo.release_claim(conn, issue_key=key)
+        repo.record_intake(conn, source=body["source"], outcome="refused", event="run_refused", issue_key=key,
+                           reason=code, detail=detail[:2000])
+    log.warning("triage of %s not started: %s", key, detail[:300])
+    return {"outcome": "refused", "issue_key": key, "reason": code, "detail": detail, "released": released,
+            "retry": status == 0 or status >= 500}
 
 
 @api.route("/v1/intake", methods=["GET"], query=IntakeQuery, response=IntakeRecordRead, many=True, callers=CALLERS)

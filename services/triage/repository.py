@@ -34,12 +34,12 @@ def insert_result(conn: psycopg.Connection[Any], *, run_id: str, ticket_key: str
 
 def record_intake(conn: psycopg.Connection[Any], *, source: str, outcome: str, delivery_id: str | None = None,
                   event: str | None = None, issue_key: str | None = None, issue_id: str | None = None,
-                  reason: str | None = None) -> int:
-    """Append one intake record (accepted, duplicate or rejected) and return its id."""
+                  reason: str | None = None, detail: str | None = None) -> int:
+    """Append one intake record (accepted, duplicate, rejected or refused) and return its id."""
     row = conn.execute(
-        "INSERT INTO triage.intake (source, delivery_id, event, issue_key, issue_id, outcome, reason) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-        (source, delivery_id, event, issue_key, issue_id, outcome, reason)).fetchone()
+        "INSERT INTO triage.intake (source, delivery_id, event, issue_key, issue_id, outcome, reason, detail) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        (source, delivery_id, event, issue_key, issue_id, outcome, reason, detail)).fetchone()
     return int(row["id"])  # type: ignore[index]
 
 
@@ -66,10 +66,17 @@ def complete_claim(conn: psycopg.Connection[Any], *, issue_key: str, run_id: str
                  "WHERE issue_key = %s", (run_id, issue_key))
 
 
+def release_claim(conn: psycopg.Connection[Any], *, issue_key: str) -> bool:
+    """Give up a claim that was never completed (its run was refused): the next delivery or poll may take it."""
+    cur = conn.execute("DELETE FROM triage.claims WHERE issue_key = %s AND completed_at IS NULL", (issue_key,))
+    return cur.rowcount == 1
+
+
 def list_intake(conn: psycopg.Connection[Any], *, outcome: str | None, limit: int) -> list[dict[str, Any]]:
     """Recent intake records, newest first."""
     rows = conn.execute(
-        "SELECT id, source, delivery_id, event, issue_key, issue_id, outcome, reason, received_at FROM triage.intake "
+        "SELECT id, source, delivery_id, event, issue_key, issue_id, outcome, reason, detail, received_at "
+        "FROM triage.intake "
         "WHERE (%s::text IS NULL OR outcome = %s) ORDER BY id DESC LIMIT %s", (outcome, outcome, limit)).fetchall()
     return [dict(r) for r in rows]
 

@@ -156,8 +156,34 @@ class PollRead(Schema):
     skipped = fields.String(allow_none=True, metadata={"description": "why a scheduled poll did nothing"})
 
 
+class IntakeRefusalCreate(Schema):
+    """`POST /v1/intake/refused` body: guardrails would not open the run for a ticket just accepted."""
+
+    issue_key = fields.String(required=True,
+                              validate=validate.Regexp(JIRA_KEY, error="must be a Jira issue key like PAY-123"))
+    source = fields.String(required=True, validate=validate.OneOf(["webhook", "poll"]))
+    external_id = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=200))
+    status = fields.Integer(load_default=0, validate=validate.Range(0, 599), metadata={
+        "description": "guardrails' HTTP status; 0 when it did not answer"})
+    code = fields.String(required=True, validate=validate.Length(min=1, max=100), metadata={
+        "description": "guardrails' problem code, e.g. kill_switch_engaged, daily_cap_exhausted"})
+    detail = fields.String(load_default=None, allow_none=True, validate=validate.Length(max=2000))
+
+
+class IntakeRefusalRead(Schema):
+    outcome = fields.String(metadata={"description": "refused"})
+    issue_key = fields.String()
+    reason = fields.String(metadata={"description": "guardrails' code"})
+    detail = fields.String(allow_none=True)
+    released = fields.Boolean(metadata={"description": "the ticket's claim was given up: a later delivery or poll "
+                                                       "may triage it"})
+    retry = fields.Boolean(metadata={"description": "true when guardrails was unavailable (5xx / no answer): "
+                                                    "worth delivering again later; false for a refusal"})
+
+
 class IntakeQuery(Schema):
-    outcome = fields.String(load_default=None, validate=validate.OneOf(["accepted", "duplicate", "rejected"]))
+    outcome = fields.String(load_default=None,
+                            validate=validate.OneOf(["accepted", "duplicate", "rejected", "refused"]))
     limit = fields.Integer(load_default=50, validate=validate.Range(1, 500))
 
 
@@ -170,4 +196,5 @@ class IntakeRecordRead(Schema):
     issue_id = fields.String(allow_none=True)
     outcome = fields.String()
     reason = fields.String(allow_none=True)
+    detail = fields.String(allow_none=True)
     received_at = fields.DateTime()

@@ -160,3 +160,47 @@ def test_scheduled_poll_does_nothing_while_polling_is_off(client: FlaskClient) -
     r = client.post("/v1/intake/jira-poll", headers=auth("ops"), json={})
     assert r.status_code == 503 and r.get_json()["code"] == "jira_not_configured"
     assert client.post("/v1/intake/jira-poll", headers=auth("n8n"), json={"trigger": "cron"}).status_code == 400
+
+
+def test_a_refused_run_is_recorded_and_gives_the_ticket_back(client: FlaskClient, database_url: str) -> None:
+    body = created_body()
+    assert client.post("/v1/intake/jira-webhook", data=body, headers=signed(body)).get_json()["outcome"] == "accepted"
+    r = client.post("/v1/intake/refused", headers=auth("n8n"), json={
+        "issue_key": "TES-41", "source": "webhook", "external_id": "jira-issue:10040", "status": 403,
+        "code": "kill_switch_engaged", "detail": "the kill switch is engaged by ops: incident 7"})
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json() == {"outcome": "refused", "issue_key": "TES-41", "reason": "kill_switch_engaged",
+                            "detail": "guardrails answered 403: the kill switch is engaged by ops: incident 7",
+                            "released": True, "retry": False}
+    listed = client.get("/v1/intake?outcome=refused", headers=auth("ops")).get_json()
+    assert [(x["issue_key"], x["reason"], x["detail"]) for x in listed] == \
+        [("TES-41", "kill_switch_engaged", "guardrails answered 403: the kill switch is engaged by ops: incident 7")]
+    # Nothing was triaged, so the next delivery takes the ticket again (once).
+    assert client.post("/v1/intake/jira-webhook", data=body, headers=signed(body)).get_json()["outcome"] == "accepted"
+    assert client.post("/v1/intake/jira-webhook", data=body, headers=signed(body)).get_json()["outcome"] == "duplicate"
+    # guardrails unreachable: worth a later delivery.
+    r = client.post("/v1/intake/refused", headers=auth("n8n"), json={
+        "issue_key": "TES-41", "source": "webhook", "code": "guardrails_unreachable"})
+    assert r.get_json()["retry"] is True and r.get_json()["released"] is True
+    assert r.get_json()["detail"] == "guardrails did not answer: guardrails_unreachable"
+    # A second refusal for a ticket without an open claim records it and releases nothing.
+    again = client.post("/v1/intake/refused", headers=auth("n8n"), json={
+        "issue_key": "TES-41", "source": "poll", "status": 503, "code": "ledger_unavailable"})
+    assert again.get_json()["released"] is False and again.get_json()["retry"] is True
+    assert [x["outcome"] for x in intake_rows(database_url)] == \
+        ["accepted", "refused", "accepted", "duplicate", "refused", "refused"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"source": "webhook", "code": "x"},
+    {"issue_key": "nope", "source": "webhook", "code": "x"},
+    {"issue_key": "PAY-1", "source": "email", "code": "x"},
+    {"issue_key": "PAY-1", "source": "poll"},
+    {"issue_key": "PAY-1", "source": "poll", "code": "x", "status": 700},
+])
+def test_a_malformed_refusal_is_400_and_records_nothing(client: FlaskClient, database_url: str,
+                                                        bad: dict[str, Any]) -> None:
+    r = client.post("/v1/intake/refused", headers=auth("n8n"), json=bad)
+    assert r.status_code == 400 and r.get_json()["errors"]
+    assert intake_rows(database_url) == []
+    assert client.post("/v1/intake/refused", json={**bad}).status_code == 401

@@ -146,3 +146,39 @@ def test_an_adversarial_ticket_is_escalated_and_nothing_is_proposed(services, tr
     assert "forbidden_request:bulk-change" in {x["code"] for x in esc[0]["context"]["reasons"]}
     state = emu.jira_state()
     assert state["comments"][key] == [] and state["issues"][key]["fields"]["labels"] == []
+
+
+def test_a_reused_idempotency_key_is_recorded_once_and_never_retried(services, triage_llm, emu) -> None:
+    """guardrails answers 409 idempotency_key_reused when triage's key for a ticket (`triage:<KEY>:add_comment`)
+    already names a different write: triage records it (200, not a 503 that n8n would retry) and a retry of the
+    call replays the record without asking guardrails or the model again."""
+    from .conftest import answered, delta
+
+    key = emu.jira_seed([{"project": "SUP", "summary": "Kiosk punches one hour late", "issuetype": "Bug"}])[0]
+    earlier = services.post("guardrails", "/v1/actions", caller="triage", json={
+        "run_id": open_run(services), "connector": "jira", "operation": "add_comment", "target": key,
+        "payload": {"body": "An earlier suggestion for this ticket.", "internal": True},
+        "idempotency_key": f"triage:{key}:add_comment", "reason": "an earlier triage of " + key})
+    assert earlier.status_code == 201 and earlier.json()["status"] == "pending_approval", earlier.text
+    emu.script_anthropic([{"tool_input": GOOD}])
+    run_id = open_run(services)
+    before = answered(services, "guardrails", "POST", "/v1/actions")
+    ticket = {"key": key, "summary": "Kiosk punches one hour late", "issue_type": "Bug"}
+    r = call(triage_llm, {"run_id": run_id, "ticket": ticket})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["submission"]["status"], body["submission"]["code"]) == (409, "idempotency_key_reused")
+    assert body["submission"]["actions"] == [] and f"triage:{key}:add_comment" in body["submission"]["error"]
+    assert body["replayed"] is False and [p["operation"] for p in body["proposals"]] == ["add_comment", "add_labels"]
+    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), before) == {"409": 1}
+    # n8n's retry of the same call: the stored record, no second proposal, no second model call.
+    again = call(triage_llm, {"run_id": run_id, "ticket": ticket})
+    assert again.status_code == 200 and again.json()["replayed"] is True
+    assert again.json()["submission"] == body["submission"]
+    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), before) == {"409": 1}
+    assert len(emu.anthropic_requests("/v1/messages")) == 1
+    # guardrails holds only the earlier write under the key; nothing reached Jira for this run.
+    assert services.get("guardrails", f"/v1/actions?run_id={run_id}", caller="ops").json() == []
+    listed = services.get("guardrails", f"/v1/actions?target={key}", caller="ops").json()
+    assert [a["id"] for a in listed] == [earlier.json()["id"]]
+    assert emu.jira_state()["comments"][key] == []
