@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Mapping, Protocol
 
 from .signatures import verify_jira_signature
 
@@ -26,7 +26,11 @@ class WebhookRejected(Exception):
         self.detail = detail
 
 
-def delivery_id(headers: Mapping[str, str]) -> str | None:
+class _Headers(Protocol):
+    def get(self, key: str) -> str | None: ...
+
+
+def delivery_id(headers: _Headers) -> str | None:
     """Jira's delivery identifier (the same across retries and redeliveries), capped; None when absent."""
     return (headers.get(DELIVERY_HEADER) or "").strip()[:200] or None
 
