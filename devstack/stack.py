@@ -16,12 +16,13 @@ ANTHROPIC_API_URL = "https://api.anthropic.com"
 
 # Who holds which outside credential. guardrails is the only holder of the Anthropic key and of write
 # credentials; the scanners (digest, watch) read Jira / Confluence / Salesforce; triage verifies Jira
-# webhook signatures and polls Jira by JQL where webhooks cannot be sent; dedupe holds nothing.
+# webhook signatures and polls Jira by JQL where webhooks cannot be sent; dedupe verifies the signatures of
+# the duplicate flow's Jira webhooks.
 SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
     "guardrails": ("ANTHROPIC_API_KEY", "METIS_JIRA_API_TOKEN", "METIS_CONFLUENCE_API_TOKEN",
                    "METIS_SALESFORCE_CLIENT_SECRET", "METIS_SLACK_WEBHOOK_URL"),
     "triage": ("METIS_JIRA_WEBHOOK_SECRET", "METIS_JIRA_API_TOKEN"),  # the token: JQL polling twin (reads only)
-    "dedupe": (),
+    "dedupe": ("METIS_JIRA_WEBHOOK_SECRET",),
     "digest": ("METIS_JIRA_API_TOKEN", "METIS_CONFLUENCE_API_TOKEN", "METIS_SALESFORCE_CLIENT_SECRET"),
     "watch": ("METIS_JIRA_API_TOKEN", "METIS_CONFLUENCE_API_TOKEN", "METIS_SALESFORCE_CLIENT_SECRET"),
 }

@@ -55,6 +55,7 @@ def test_only_guardrails_gets_the_anthropic_key_and_nothing_secret_is_inherited(
     assert envs["guardrails"]["ANTHROPIC_API_KEY"] == "emu-key-0123456789"
     assert all("ANTHROPIC_API_KEY" not in envs[s] for s in stack.SERVICES if s != "guardrails")
     assert "METIS_JIRA_API_TOKEN" not in envs["dedupe"] and "METIS_JIRA_WEBHOOK_SECRET" in envs["triage"]
+    assert envs["dedupe"]["METIS_JIRA_WEBHOOK_SECRET"] == "hook-secret-0123456789"  # the duplicate flow verifies it
     for env in envs.values():
         assert env["DATABASE_URL"] == "postgresql://x/metis"
         assert env["METIS_TOKEN_OPS"] == "tok-ops-0123456789abcdef"
