@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import anthropic
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.triage import service
 from services.triage.config import Taxonomy, TriageConfig, default_model, load_prices, load_taxonomy, load_triage_config
@@ -90,3 +91,30 @@ def quiet_n8n(request: pytest.FixtureRequest) -> Any:
             return
         time.sleep(0.2)
     raise AssertionError(f"n8n executions still running after the test: {busy}")
+
+
+def answered(services: Any, service_name: str, method: str, endpoint: str) -> dict[str, float]:
+    """How many requests to `method endpoint` a service has answered so far, by status (its own counter)."""
+    text = services.get(service_name, "/metrics", caller=None).text
+    return {s.labels["status"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "metis_http_requests_total" and s.labels.get("endpoint") == endpoint
+            and s.labels.get("method") == method}
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """What changed between two `answered` readings (statuses with no new requests left out)."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def seed_history(services: Any) -> None:
+    """Resolved, labelled tickets in dedupe so the offline vote is confident and proposes (category leave)."""
+    history = [{"key": f"HIST-{i}", "summary": f"Annual leave balance negative after the accrual run {i}",
+                "description": "Employees show negative leave balances after the nightly accrual job.",
+                "status": "Resolved", "resolution": "Fixed", "resolution_text": "Reverted the doubled accrual run.",
+                "priority": "Critical", "components": ["leave-engine"], "labels": ["category-leave"],
+                "project": "HIST", "created": "2025-01-01T10:00:00+00:00"} for i in range(6)]
+    deadline = time.monotonic() + 180  # dedupe answers 503 until its embedding model is loaded
+    while services.get("dedupe", "/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "dedupe not ready"
+        time.sleep(0.2)
+    assert services.post("dedupe", "/v1/tickets", caller="ops", json={"tickets": history}).status_code == 200

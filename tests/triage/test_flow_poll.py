@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import auth
 
+from .conftest import answered, delta
+
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n"), pytest.mark.usefixtures("quiet_n8n")]
 
 
@@ -68,3 +70,30 @@ def test_a_ticket_seen_by_the_webhook_is_not_polled_again(stack, emu) -> None:
     _wait(lambda: ("poll", "duplicate", key) in _intake(services.database_url))
     assert _results(services.database_url) == [key]
     assert [r["workflow"] for r in _runs(services)] == ["triage-jira-webhook"]
+
+
+def test_refused_runs_are_recorded_once_each_and_the_tickets_come_back_on_the_next_poll(stack, emu) -> None:
+    n8n, services = stack.n8n, stack.services
+    r = services.post("guardrails", "/v1/kill-switch/engage", caller="ops",
+                      json={"actor": "ops@example.com", "reason": "budget review"})
+    assert r.status_code == 200, r.text
+    keys = emu.jira_seed([{"project": "SUP", "summary": f"Leave request stuck in pending {i}", "issuetype": "Task"}
+                          for i in range(2)])
+    before = answered(services, "guardrails", "POST", "/v1/runs")
+    assert n8n.webhook("metis-triage-poll", json={}, headers=auth("n8n")).status_code == 200
+    _wait(lambda: len([x for x in _intake(services.database_url) if x[1] == "refused"]) == 2)
+    execution = n8n.wait_for_execution(workflow_id="metisTriagePoll01", statuses=("success", "error", "crashed"))
+    assert execution["status"] == "success", execution
+    # One attempt per ticket, no retries.
+    assert delta(answered(services, "guardrails", "POST", "/v1/runs"), before) == {"403": 2}
+    assert sorted(_intake(services.database_url)) == sorted(
+        [("poll", "accepted", k) for k in keys] + [("poll", "refused", k) for k in keys])
+    assert _results(services.database_url) == [] and _runs(services) == []
+    # Released: the next poll finds both tickets again (their claims were given back) and triages them once.
+    r = services.post("guardrails", "/v1/kill-switch/release", caller="ops",
+                      json={"actor": "ops@example.com", "reason": "budget approved"})
+    assert r.status_code == 200, r.text
+    assert n8n.webhook("metis-triage-poll", json={}, headers=auth("n8n")).status_code == 200
+    _wait(lambda: len(_results(services.database_url)) == 2)
+    assert sorted(_results(services.database_url)) == sorted(keys)
+    assert delta(answered(services, "guardrails", "POST", "/v1/runs"), before) == {"403": 2, "201": 2}

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 from typing import Any
 
 import psycopg
 import pytest
+
+from .conftest import answered, delta, seed_history
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n"), pytest.mark.usefixtures("quiet_n8n")]
 
@@ -56,20 +59,9 @@ def test_forged_webhook_is_rejected_and_nothing_runs(stack, emu) -> None:
     assert _runs(services, f"jira-issue:{issue_id}") == []
 
 
-def _seed_history(services: Any) -> None:
-    """Resolved, labelled tickets in dedupe so the offline vote is confident and proposes."""
-    history = [{"key": f"HIST-{i}", "summary": f"Annual leave balance negative after the accrual run {i}",
-                "description": "Employees show negative leave balances after the nightly accrual job.",
-                "status": "Resolved", "resolution": "Fixed", "resolution_text": "Reverted the doubled accrual run.",
-                "priority": "Critical", "components": ["leave-engine"], "labels": ["category-leave"],
-                "project": "HIST", "created": "2025-01-01T10:00:00+00:00"} for i in range(6)]
-    _wait(lambda: services.get("dedupe", "/readyz").status_code == 200, timeout=180)
-    assert services.post("dedupe", "/v1/tickets", caller="ops", json={"tickets": history}).status_code == 200
-
-
 def test_signed_webhook_opens_one_run_and_proposes_once_even_when_redelivered(stack, emu) -> None:
     n8n, services = stack.n8n, stack.services
-    _seed_history(services)
+    seed_history(services)
     emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"])
     key = emu.jira_seed([{"project": "SUP", "summary": "Annual leave balance negative after accrual run",
                           "description": "30 employees show negative balances since last night.",
@@ -125,6 +117,88 @@ def test_unparseable_json_is_refused_by_n8n_itself(stack, emu) -> None:
     r = n8n.webhook(HOOK, data=body, headers=_signed_headers(emu, body))
     assert r.status_code == 422 and "Failed to parse request body" in r.text
     assert _intake(services.database_url) == [] and _results(services.database_url) == []
+
+
+def _intake_detail(database_url: str) -> list[tuple[str, str, str | None, str | None, str | None]]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT source, outcome, reason, issue_key, detail FROM triage.intake "
+                            "ORDER BY id").fetchall()
+
+
+def test_a_refused_run_is_answered_and_recorded_once_without_retries(stack, emu) -> None:
+    """Kill switch engaged: guardrails refuses the run (403). n8n asks once, records why, answers Jira 200 (a
+    refusal is final: no redelivery), triages nothing; the ticket is given back, so a redelivery after the
+    release triages it."""
+    n8n, services = stack.n8n, stack.services
+    r = services.post("guardrails", "/v1/kill-switch/engage", caller="ops",
+                      json={"actor": "ops@example.com", "reason": "incident 42: stop all jobs"})
+    assert r.status_code == 200 and r.json()["engaged"] is True, r.text
+    emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"])
+    before = answered(services, "guardrails", "POST", "/v1/runs")
+    key = emu.jira_seed([{"project": "SUP", "summary": "Payslip PDF shows the wrong pay period",
+                          "issuetype": "Bug"}], fire_webhooks=True)[0]  # delivered synchronously
+    execution = n8n.wait_for_execution(workflow_id=WORKFLOW, statuses=("success", "error", "crashed"))
+    assert execution["status"] == "success", execution
+    deliveries = emu.jira_state()["deliveries"]
+    assert [a["status"] for d in deliveries for a in d["attempts"]] == [200]
+    assert delta(answered(services, "guardrails", "POST", "/v1/runs"), before) == {"403": 1}
+    rows = _intake_detail(services.database_url)
+    assert [r[:4] for r in rows] == [("webhook", "accepted", None, key),
+                                     ("webhook", "refused", "kill_switch_engaged", key)]
+    assert rows[1][4] == ("guardrails answered 403: the kill switch is engaged by ops@example.com: "
+                          "incident 42: stop all jobs")
+    issue_id = emu.jira_state()["issues"][key]["id"]
+    assert _runs(services, f"jira-issue:{issue_id}") == [] and _results(services.database_url) == []
+    assert services.get("guardrails", "/v1/actions", caller="ops").json() == []
+    state = emu.jira_state()
+    assert state["comments"][key] == [] and state["issues"][key]["fields"]["labels"] == []
+
+    # Released: the same delivery again is triaged (the refusal gave the claim back).
+    r = services.post("guardrails", "/v1/kill-switch/release", caller="ops",
+                      json={"actor": "ops@example.com", "reason": "incident 42 over"})
+    assert r.status_code == 200 and r.json()["engaged"] is False
+    emu._post(emu.jira_url + "/_emulator/jira/webhooks/redeliver", {})
+    run = _wait(lambda: [x for x in _runs(services, f"jira-issue:{issue_id}") if x["status"] != "open"])
+    assert len(run) == 1 and run[0]["status"] == "succeeded"
+    assert _results(services.database_url) == [(key, run[0]["id"])]
+    assert delta(answered(services, "guardrails", "POST", "/v1/runs"), before) == {"403": 1, "201": 1}
+    assert [a["status"] for d in emu.jira_state()["deliveries"] for a in d["attempts"]] == [200, 202]
+
+
+def test_guardrails_failing_is_tried_three_times_then_left_for_redelivery(stack, emu) -> None:
+    """guardrails answers 500 (its runs table is briefly renamed away): n8n asks three times, 2 s apart, and no
+    more; it records why, gives the ticket back and answers 503 so Jira delivers again. Once guardrails is back,
+    the next delivery is triaged."""
+    n8n, services = stack.n8n, stack.services
+    key = emu.jira_seed([{"project": "SUP", "summary": "Roster publish button does nothing", "issuetype": "Bug"}])[0]
+    issue = emu.jira_state()["issues"][key]
+    body = json.dumps({"webhookEvent": "jira:issue_created", "timestamp": 1, "issue": issue}).encode()
+    headers = {**_signed_headers(emu, body), "X-Atlassian-Webhook-Identifier": f"outage-{key}"}
+    before = answered(services, "guardrails", "POST", "/v1/runs")
+    with psycopg.connect(services.database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE guardrails.runs RENAME TO runs_unavailable")
+        try:
+            t0 = time.monotonic()
+            r = n8n.webhook(HOOK, data=body, headers=headers)
+            took = time.monotonic() - t0
+            time.sleep(3)  # a fourth attempt would come 2 s after the third
+            attempts = delta(answered(services, "guardrails", "POST", "/v1/runs"), before)
+        finally:
+            conn.execute("ALTER TABLE guardrails.runs_unavailable RENAME TO runs")
+    assert r.status_code == 503, r.text
+    assert r.json() == {"accepted": False, "outcome": "refused", "issue_key": key, "reason": "internal_error",
+                        "detail": "an unexpected error occurred; see the service log with this request id"}
+    assert attempts == {"500": 3} and took >= 4, (attempts, took)
+    rows = _intake_detail(services.database_url)
+    assert [r[:4] for r in rows] == [("webhook", "accepted", None, key), ("webhook", "refused", "internal_error", key)]
+    assert rows[1][4].startswith("guardrails answered 500: ")
+    assert _results(services.database_url) == []
+    # guardrails is back: the redelivery is accepted again (the claim was given back) and triaged once.
+    r = n8n.webhook(HOOK, data=body, headers=headers)
+    assert r.status_code == 202 and r.json()["accepted"] is True and r.json()["run_id"], r.text
+    _wait(lambda: _results(services.database_url))
+    assert _results(services.database_url) == [(key, r.json()["run_id"])]
+    assert delta(answered(services, "guardrails", "POST", "/v1/runs"), before) == {"500": 3, "201": 1}
 
 
 def _signed_headers(emu: Any, body: bytes) -> dict[str, str]:
