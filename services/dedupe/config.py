@@ -1,7 +1,8 @@
 """config/dedupe.yaml: weights, thresholds and limits, validated at start-up with every problem listed."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,6 +11,7 @@ import yaml
 from shared.embeddings import MiniLMOptions
 
 from .lexical import Bm25Params
+from .verdict import FEATURES, VerdictModel
 
 
 class ConfigError(RuntimeError):
@@ -26,9 +28,11 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class VerdictConfig:
-    dense_share: float = 0.6
-    duplicate: float = 0.93
-    possible: float = 0.70
+    """Thresholds on the verdict model's probability; the model itself (intercept, weights) is parsed apart."""
+
+    duplicate: float = 0.9
+    possible: float = 0.1
+    model: VerdictModel = field(default_factory=VerdictModel)
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,28 @@ def _section(raw: Mapping[str, Any], name: str, cls: type, problems: list[str],
     return cls(**kwargs), rest
 
 
+def _verdict_model(rest: Mapping[str, Any], problems: list[str]) -> VerdictModel:
+    """verdict.intercept (any number) and verdict.weights (feature name -> any number; at least one)."""
+    intercept = rest.get("intercept", 0.0)
+    if isinstance(intercept, bool) or not isinstance(intercept, (int, float)):
+        problems.append(f"verdict.intercept: expected a number, got {intercept!r}")
+        intercept = 0.0
+    weights = rest.get("weights")
+    if not isinstance(weights, dict) or not weights:
+        problems.append("verdict.weights: must map feature names to numbers (at least one); features: "
+                        + ", ".join(FEATURES))
+        return VerdictModel(float(intercept), {})
+    ok: dict[str, float] = {}
+    for name, w in weights.items():
+        if name not in FEATURES:
+            problems.append(f"verdict.weights.{name}: unknown feature (known: {', '.join(FEATURES)})")
+        elif isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            problems.append(f"verdict.weights.{name}: expected a number, got {w!r}")
+        else:
+            ok[name] = float(w)
+    return VerdictModel(float(intercept), ok)
+
+
 def load_config(config_dir: str | Path) -> DedupeConfig:
     """Read <config_dir>/dedupe.yaml; raise ConfigError naming every bad path."""
     path = Path(config_dir) / "dedupe.yaml"
@@ -112,12 +138,11 @@ def load_config(config_dir: str | Path) -> DedupeConfig:
     description_tokens = lex_raw.pop("description_tokens", 400)
     lexical, _ = _section({"lexical": lex_raw}, "lexical", Bm25Params, problems)
     fusion, _ = _section(raw, "fusion", FusionConfig, problems)
-    verdict, _ = _section(raw, "verdict", VerdictConfig, problems)
+    verdict, verdict_rest = _section(raw, "verdict", VerdictConfig, problems, extra=("intercept", "weights"))
+    verdict = replace(verdict, model=_verdict_model(verdict_rest, problems))
     llm, _ = _section(raw, "llm", LlmConfig, problems)
-    if not 0 <= verdict.possible <= verdict.duplicate:
-        problems.append("verdict: need 0 <= possible <= duplicate")
-    if not 0 <= verdict.dense_share <= 1:
-        problems.append("verdict.dense_share: must be within [0, 1]")
+    if not 0 <= verdict.possible <= verdict.duplicate <= 1:
+        problems.append("verdict: need 0 <= possible <= duplicate <= 1 (thresholds on a probability)")
     similar = raw.get("similar") or {}
     exclude = similar.get("exclude_resolutions", []) if isinstance(similar, dict) else None
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):

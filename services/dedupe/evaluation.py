@@ -8,17 +8,23 @@ measure how often "duplicate" is said where there is none. Queries are split in 
 from __future__ import annotations
 
 import csv
+import math
 import re
 import statistics
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import requests
+
+from .verdict import VerdictModel, decide, fit_logistic, out_of_fold
+
+# The verdict model's inputs, chosen on the development split (see benchmarks/dedupe_eval.md, "Verdicts").
+DEFAULT_FEATURES = ("cosine", "margin")
 
 DATE_FORMATS = ("%d/%b/%y %H:%M", "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
 
@@ -89,10 +95,20 @@ class QueryResult:
     confidence: float
     top_correct: bool
     latency_ms: float
+    features: dict[str, float] = field(default_factory=dict)   # the verdict model's inputs, best candidate
+    top_key: str | None = None
 
 
 def _api_ticket(t: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in t.items() if not k.startswith("_")}
+
+
+def _problem_code(r: requests.Response) -> str | None:
+    try:
+        body = r.json()
+    except ValueError:
+        return None
+    return body.get("code") if isinstance(body, dict) else None
 
 
 class Client:
@@ -106,8 +122,14 @@ class Client:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        r = self.session.post(self.base_url + path, json=body, timeout=300)
+    def post(self, path: str, body: dict[str, Any], *, ready_wait: float = 180.0) -> dict[str, Any]:
+        """POST and decode; a worker still loading its model or index (503 not_ready) is waited for, briefly."""
+        deadline = time.monotonic() + ready_wait
+        while True:
+            r = self.session.post(self.base_url + path, json=body, timeout=300)
+            if r.status_code != 503 or time.monotonic() > deadline or _problem_code(r) != "not_ready":
+                break
+            time.sleep(1.0)  # /readyz answered from one gunicorn worker; another may still be loading
         if r.status_code >= 400:
             raise RuntimeError(f"POST {path} → {r.status_code}: {r.text[:500]}")
         return r.json()  # type: ignore[no-any-return]
@@ -163,7 +185,8 @@ def run_queries(client: Client, data: Dataset, project: str, *, negatives: int |
         rank = next((i + 1 for i, k in enumerate(keys) if k in rel), None)
         split = "dev" if split_time is None or t["_t"] < split_time else "test"
         out.append(QueryResult(key, split, kind, rank, res["verdict"], float(res["confidence"]),
-                               bool(keys) and keys[0] in rel, ms))
+                               bool(keys) and keys[0] in rel, ms, dict(res.get("features") or {}),
+                               keys[0] if keys else None))
         if progress:
             progress(1)
     return out
@@ -184,13 +207,15 @@ def verdict_metrics(results: Iterable[QueryResult], duplicate: float | None = No
     """Precision / recall of "duplicate" (a hit = the top candidate is a true duplicate) and false-duplicate rates.
 
     With thresholds given, verdicts are recomputed from the confidences (for calibration); else the service's.
+    Precision "all reports" counts every "duplicate" said, on duplicate queries and on reports with none.
     """
     rs = list(results)
 
     def said(r: QueryResult, level: str) -> bool:
         if duplicate is None:
             return r.verdict == "duplicate" if level == "duplicate" else r.verdict in ("duplicate", "possible")
-        return r.confidence >= (duplicate if level == "duplicate" else possible or duplicate)
+        v = decide(r.confidence, duplicate, possible if possible is not None else duplicate)
+        return v == "duplicate" if level == "duplicate" else v != "none"
 
     dups = [r for r in rs if r.kind == "dup"]
     negs = [r for r in rs if r.kind == "neg"]
@@ -205,35 +230,73 @@ def verdict_metrics(results: Iterable[QueryResult], duplicate: float | None = No
         out[f"{name}_false_rate_on_no_duplicate"] = round(false_neg / max(len(negs), 1), 4)
         total_said = len(on_dups) + false_neg
         out[f"{name}_precision_all_reports"] = round(correct / total_said, 3) if total_said else float("nan")
+        out[f"{name}_said"] = total_said
+        out[f"{name}_correct"] = correct
+        out[f"{name}_said_on_no_duplicate"] = false_neg
+    out["duplicate_queries"] = len(dups)
     out["no_duplicate_reports"] = len(negs)
     return out
 
 
-def calibrate(results: list[QueryResult], *, target_precision: float = 0.9,
-              max_false_rate: float = 0.01, possible_false_rate: float = 0.2) -> dict[str, float]:
-    """Thresholds from the development split only.
+def _label(r: QueryResult) -> int:
+    """What the verdict model predicts: the best candidate is a true duplicate of the query."""
+    return int(r.kind == "dup" and r.top_correct)
 
-    duplicate: the lowest confidence at which, on development queries, "duplicate" is right
-    >= target_precision of the time on duplicate queries *and* fires on <= max_false_rate of reports
-    with no duplicate. possible: the lowest confidence at which "possible or duplicate" fires on at
-    most possible_false_rate of the development reports that have no duplicate (most recall for that cost).
+
+def _time_folds(rs: list[QueryResult], folds: int) -> list[int]:
+    """Blocks of time: duplicate queries and no-duplicate reports (each in time order) cut into `folds` blocks."""
+    out: list[int] = []
+    seen = {"dup": 0, "neg": 0}
+    total = {k: sum(1 for r in rs if r.kind == k) for k in seen}
+    for r in rs:
+        out.append(min(folds - 1, seen[r.kind] * folds // max(total[r.kind], 1)))
+        seen[r.kind] += 1
+    return out
+
+
+def calibrate(results: list[QueryResult], *, features: Sequence[str] = DEFAULT_FEATURES,
+              target_precision: float = 0.9, min_said: int = 3, possible_false_rate: float = 0.2,
+              l2: float = 1.0, folds: int = 5) -> dict[str, Any]:
+    """The verdict model and its thresholds, from the development split only.
+
+    model: logistic regression of "the best candidate is a true duplicate" on `features`, over every
+    development report (duplicate queries and reports with none). duplicate: the lowest probability at
+    which "duplicate" is right >= target_precision of the time over *all* development reports, said at
+    least min_said times, judged on out-of-fold probabilities (time blocks, so the model never grades
+    reports it was fitted on); if no threshold reaches it, 1.0: the offline verdict never says
+    "duplicate" and only an LLM confirmation can. possible: the lowest probability at which
+    "possible or duplicate" fires on at most possible_false_rate of development reports with no duplicate.
     """
     dev = [r for r in results if r.split == "dev"]
-    grid = sorted({round(r.confidence, 3) for r in dev} | {1.0})
-    dup_t = 1.0
-    for t in grid:
-        m = verdict_metrics(dev, t, t)
-        p = m["dup_precision_on_dup_queries"]
-        if p == p and p >= target_precision and m["dup_false_rate_on_no_duplicate"] <= max_false_rate:
-            dup_t = t
-            break
-    pos_t = dup_t
-    for t in grid:
-        if t <= dup_t and verdict_metrics(dev, dup_t, t)["possible_or_dup_false_rate_on_no_duplicate"] \
-                <= possible_false_rate:
-            pos_t = t
-            break
-    return {"duplicate": round(dup_t, 3), "possible": round(pos_t, 3)}
+    if not dev or any(not r.features for r in dev):
+        raise ValueError("calibration needs development results with the service's verdict features")
+    rows, labels = [r.features for r in dev], [_label(r) for r in dev]
+    model = fit_logistic(rows, labels, features, l2=l2)
+    oof = out_of_fold(rows, labels, _time_folds(dev, max(2, min(folds, sum(labels)))), features, l2=l2)
+    dup_t, best = 1.0, None
+    ranked = sorted(((p, y) for p, y in zip(oof, labels) if p == p), key=lambda t: -t[0])
+    correct = 0
+    for i, (p, y) in enumerate(ranked):
+        correct += y
+        said = i + 1
+        if i + 1 < len(ranked) and ranked[i + 1][0] == p:
+            continue  # a threshold takes every report at its probability
+        if said >= min_said and correct / said >= target_precision:
+            dup_t, best = p, {"said": said, "correct": correct}
+    probs = sorted((model.probability(r.features) for r in dev if r.kind == "neg"), reverse=True)
+    allowed = int(possible_false_rate * len(probs))
+    # just above the first report not allowed (rounded up, so the stored threshold keeps the promise)
+    pos_t = math.ceil((probs[allowed] + 1e-9) * 1e4) / 1e4 if allowed < len(probs) else 0.0
+    pos_t = min(pos_t, dup_t)
+    return {"features": list(features), "l2": l2, **model.as_config(), "duplicate": round(dup_t, 4),
+            "possible": round(pos_t, 4), "duplicate_reachable_on_dev": best is not None,
+            "dev_out_of_fold_at_duplicate": best,
+            "dev_out_of_fold_top20": "".join("X" if y else "." for _, y in ranked[:20])}
+
+
+def rescored(results: Iterable[QueryResult], model: VerdictModel) -> list[QueryResult]:
+    """The results with the confidence a different verdict model would give (the features are the service's)."""
+    return [replace(r, confidence=model.probability(r.features)) for r in results]
 
 
 def latency_summary(results: list[QueryResult]) -> dict[str, float]:
@@ -255,9 +318,14 @@ def report(index_stats: dict[str, float], results: list[QueryResult],
         out["verdict"][split] = verdict_metrics(rs)
     if calibrated is not None:
         out["calibrated_on_dev"] = calibrated
-        out["verdict_with_calibrated"] = {s: verdict_metrics([r for r in results if s == "all" or r.split == s],
+        model = VerdictModel(calibrated["intercept"], calibrated["weights"])
+        rs = rescored(results, model)
+        out["verdict_with_calibrated"] = {s: verdict_metrics([r for r in rs if s == "all" or r.split == s],
                                                              calibrated["duplicate"], calibrated["possible"])
                                           for s in ("dev", "test")}
+        for s in ("dev", "test"):  # the 20 most confident reports, X = the best candidate is a true duplicate
+            top = sorted((r for r in rs if r.split == s), key=lambda r: -r.confidence)[:20]
+            out["verdict_with_calibrated"][s]["top20"] = "".join("X" if _label(r) else "." for r in top)
     return out
 
 
@@ -279,5 +347,17 @@ def markdown(rep: dict[str, Any]) -> str:
     lines.append(f"indexing: {ix['tickets']} tickets in {ix['seconds']} s = {ix['tickets_per_second']} tickets/s "
                  f"over HTTP; query latency p50 {lat.get('p50_ms')} ms, p95 {lat.get('p95_ms')} ms (n={lat.get('n')})")
     if "calibrated_on_dev" in rep:
-        lines.append(f"thresholds calibrated on the development split: {rep['calibrated_on_dev']}")
+        c = rep["calibrated_on_dev"]
+        lines.append(f"verdict model fitted on the development split: intercept {c['intercept']}, weights "
+                     f"{c['weights']}; thresholds duplicate {c['duplicate']}, possible {c['possible']}"
+                     + ("" if c["duplicate_reachable_on_dev"] else
+                        f" (precision >= target not reachable on dev: offline \"duplicate\" disabled)"))
+        lines.append("")
+        lines.append("| split (calibrated model) | dup said | correct | on no-dup | precision all reports | "
+                     "possible+dup recall | possible+dup false rate |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for split, m in rep["verdict_with_calibrated"].items():
+            lines.append(f"| {split} | {m['dup_said']} | {m['dup_correct']} | {m['dup_said_on_no_duplicate']} | "
+                         f"{m['dup_precision_all_reports']} | {m['possible_or_dup_recall']} | "
+                         f"{m['possible_or_dup_false_rate_on_no_duplicate']} |")
     return "\n".join(lines)

@@ -146,6 +146,8 @@ class LlmRead(Schema):
 class DuplicateRead(Schema):
     verdict = fields.String(required=True, metadata={"enum": ["duplicate", "possible", "none"]})
     confidence = fields.Float(required=True)
+    features = fields.Dict(keys=fields.String(), values=fields.Float(), required=True,
+                           metadata={"description": "the verdict model's inputs for the best candidate"})
     mode = fields.String(required=True, metadata={"enum": ["offline", "llm"]})
     mode_detail = fields.String(required=True)
     candidates = fields.List(fields.Nested(CandidateRead), required=True)

@@ -16,6 +16,7 @@ from shared.embeddings import Embedder, content_hash
 from shared.errors import MetisError, NotFound, Unavailable
 
 from . import metrics, repository
+from . import verdict as verdict_model
 from .config import DedupeConfig
 from .index import TicketIndex, TicketMeta
 from .text import clean, for_embedding, tokens
@@ -258,11 +259,14 @@ class Hit:
     days: float | None
     shared: list[str]
 
-    def confidence(self, dense_share: float) -> float:
-        return dense_share * self.cosine + (1 - dense_share) * min(1.0, self.lexical_self)
+    def evidence(self) -> verdict_model.Evidence:
+        return verdict_model.Evidence(self.score, self.cosine, self.lexical_self, self.cosine_best,
+                                      self.lexical_norm, self.days, self.meta.summary)
 
 
 def _ts(d: datetime | None) -> float | None:
+    cosine_best: float = 1.0    # best cosine among the eligible candidates (for the verdict's dense_gap)
+    lexical_norm: float = 1.0   # BM25F / best BM25F among the eligible candidates (for lexical_gap)
     return _utc(d).timestamp() if d is not None else None  # type: ignore[union-attr]
 
 
@@ -307,6 +311,7 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
             meta = index.meta[slot]
             assert meta is not None
             doc = index.lexical.docs.get(slot)
+        cos_best = float(cos[cand_arr].max()) if len(cand_arr) else 0.0
             shared: list[str] = []
             if doc is not None and qterms:
                 words = [index.lexical.terms[int(t)] for t in doc[0]]
@@ -315,7 +320,8 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
                 common.sort(key=lambda w: (df[index.lexical.vocab[w]], -len(w)))  # rarest, most specific first
                 shared = common[:6]
             hits.append(Hit(slot, meta, float(fused[o]), float(cos[slot]), float(bm[slot]),
-                            float(bm[slot]) / self_score, None if np.isnan(days[o]) else float(days[o]), shared))
+                            float(bm[slot]) / self_score, None if np.isnan(days[o]) else float(days[o]), shared,
+                            cosine_best=cos_best, lexical_norm=float(bm[slot]) / max(bm_max, 1e-6)))
     return hits, eligible
 
 
@@ -339,25 +345,21 @@ def reasons(hit: Hit, ticket: TicketIn) -> list[str]:
     return out
 
 
-def verdict_for(hits: list[Hit], cfg: DedupeConfig) -> tuple[str, float]:
-    """Offline verdict from the best candidate's calibrated confidence."""
+def verdict_for(hits: list[Hit], ticket: TicketIn, cfg: DedupeConfig) -> tuple[str, float, dict[str, float]]:
+    """Offline verdict: the verdict model's probability for the best candidate against the calibrated thresholds."""
     if not hits:
-        return "none", 0.0
-    conf = hits[0].confidence(cfg.verdict.dense_share)
-    if conf >= cfg.verdict.duplicate:
-        return "duplicate", conf
-    if conf >= cfg.verdict.possible:
-        return "possible", conf
-    return "none", conf
+        return "none", 0.0, {}
+    x = verdict_model.features([h.evidence() for h in hits], 0, ticket.summary)
+    p = cfg.verdict.model.probability(x)
+    return verdict_model.decide(p, cfg.verdict.duplicate, cfg.verdict.possible), p, x
 
 
-def candidate_dict(hit: Hit, ticket: TicketIn, cfg: DedupeConfig, *, with_resolution: bool = False) -> dict[str, Any]:
+def candidate_dict(hit: Hit, ticket: TicketIn, *, confidence: float, with_resolution: bool = False) -> dict[str, Any]:
     m = hit.meta
-    d: dict[str, Any] = {"key": m.key, "score": round(hit.score, 4),
-                         "confidence": round(hit.confidence(cfg.verdict.dense_share), 4),
-                         "summary": m.summary, "status": m.status, "resolution": m.resolution,
-                         "project": m.project, "created": m.created.isoformat() if m.created else None,
-                         "reasons": reasons(hit, ticket)}
+    d: dict[str, Any] = {"key": m.key, "score": round(hit.score, 4), "summary": m.summary, "status": m.status,
+                         "resolution": m.resolution, "project": m.project,
+                         "created": m.created.isoformat() if m.created else None, "reasons": reasons(hit, ticket)}
+    d["confidence"] = round(confidence, 4)
     if with_resolution:
         d.update({"resolution_text": m.resolution_text, "priority": m.priority, "components": m.components,
                   "labels": m.labels, "client": m.client})
@@ -370,6 +372,10 @@ def candidate_dict(hit: Hit, ticket: TicketIn, cfg: DedupeConfig, *, with_resolu
 
 def check_duplicates(*, engine: Engine, ticket: TicketIn, limit: int, created_before: datetime | None,
                      filters: Filters, idempotency_key: str | None = None, run_id: str | None = None,
+def candidate_confidences(hits: list[Hit], ticket: TicketIn, cfg: DedupeConfig) -> list[float]:
+    """The verdict model's probability for every candidate (its margin is over the best other candidate)."""
+    ev = [h.evidence() for h in hits]
+    return [cfg.verdict.model.probability(verdict_model.features(ev, i, ticket.summary)) for i in range(len(ev))]
                      index_ticket: bool = False, verifier: Any = None) -> dict[str, Any]:
     """Search, decide a verdict (offline, or confirmed by the LLM), optionally index the ticket; idempotent per key."""
     if idempotency_key:
@@ -381,16 +387,20 @@ def check_duplicates(*, engine: Engine, ticket: TicketIn, limit: int, created_be
     if created_before is not None:
         filters.created_before = min(x for x in (created_before, filters.created_before) if x is not None)
     t0 = time.perf_counter()
-    hits, searched = search(engine=engine, ticket=ticket, limit=limit, filters=filters)
+    # Two candidates at least: the leader's margin over the runner-up is part of the verdict.
+    hits, searched = search(engine=engine, ticket=ticket, limit=max(limit, 2), filters=filters)
     metrics.SEARCH_SECONDS.labels("duplicates").observe(time.perf_counter() - t0)
     cfg = engine.config
-    verdict, confidence = verdict_for(hits, cfg)
-    candidates = [candidate_dict(h, ticket, cfg) for h in hits]
-    mode, detail, llm_out = "offline", "calibrated thresholds from config/dedupe.yaml", None
+    verdict, confidence, features = verdict_for(hits, ticket, cfg)
+    confidences = candidate_confidences(hits, ticket, cfg)
+    hits = hits[:limit]
+    candidates = [candidate_dict(h, ticket, confidence=c) for h, c in zip(hits, confidences)]
+    mode, detail, llm_out = "offline", "verdict model and thresholds from config/dedupe.yaml", None
     if verdict != "none":
         mode, detail, verdict, llm_out = _maybe_verify(engine=engine, verifier=verifier, run_id=run_id,
                                                        ticket=ticket, hits=hits, verdict=verdict, detail=detail)
-    response: dict[str, Any] = {"verdict": verdict, "confidence": round(confidence, 4), "mode": mode,
+    response: dict[str, Any] = {"verdict": verdict, "confidence": round(confidence, 4),
+                                "features": {k: round(v, 4) for k, v in features.items()}, "mode": mode,
                                 "mode_detail": detail, "candidates": candidates, "searched": searched,
                                 "llm": llm_out, "indexed": False, "replayed": False}
     metrics.VERDICTS.labels(verdict, mode).inc()
@@ -443,5 +453,7 @@ def similar_resolved(*, engine: Engine, ticket: TicketIn, limit: int, filters: F
     hits, searched = search(engine=engine, ticket=ticket, limit=limit, filters=filters, resolved_only=True,
                             exclude_resolutions=engine.config.similar_exclude)
     metrics.SEARCH_SECONDS.labels("similar").observe(time.perf_counter() - t0)
-    return {"candidates": [candidate_dict(h, ticket, engine.config, with_resolution=True) for h in hits],
+    confidences = candidate_confidences(hits, ticket, engine.config)
+    return {"candidates": [candidate_dict(h, ticket, confidence=c, with_resolution=True)
+                           for h, c in zip(hits, confidences)],
             "searched": searched}

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from services.dedupe.cli import run_evaluation
-from services.dedupe.evaluation import load_dataset
+from services.dedupe.evaluation import DEFAULT_FEATURES, load_dataset
+from services.dedupe.verdict import FEATURES
 
 pytestmark = pytest.mark.xdist_group("dedupe")
 
@@ -74,3 +75,10 @@ def test_evaluation_through_gunicorn(tmp_path: Path, database_url: str) -> None:
     assert 0.0 <= v["dup_false_rate_on_no_duplicate"] <= 1.0 and v["no_duplicate_reports"] > 0
     assert rep["latency"]["n"] == 5 + v["no_duplicate_reports"]
     assert 0 <= rep["calibrated_on_dev"]["possible"] <= rep["calibrated_on_dev"]["duplicate"] <= 1
+    # The verdict model's inputs came back through the HTTP API for every query, and the model was fitted on them.
+    assert all(set(r["features"]) == set(FEATURES) for r in rep["results"])
+    assert set(rep["calibrated_on_dev"]["weights"]) == set(DEFAULT_FEATURES)
+    for split in ("dev", "test"):
+        m = rep["verdict_with_calibrated"][split]
+        assert m["dup_correct"] <= m["dup_said"] <= m["possible_or_dup_said"]
+        assert len(m["top20"]) == min(20, sum(1 for r in rep["results"] if r["split"] == split))

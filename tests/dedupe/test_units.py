@@ -1,6 +1,7 @@
 """Pure parts: text cleaning and tokens, the BM25F index, configuration validation, metrics."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 
 from services.dedupe.config import ConfigError, load_config
 from services.dedupe.evaluation import QueryResult, calibrate, ranking_metrics, verdict_metrics
+from services.dedupe.verdict import (FEATURES, Evidence, VerdictModel, decide, features, fit_logistic,
+                                     summary_versions)
 from services.dedupe.lexical import Bm25Params, LexicalIndex
 from services.dedupe.text import clean, for_embedding, tokens
 from shared.embeddings import content_hash
@@ -79,11 +82,12 @@ def test_content_hash_separates_parts() -> None:
     assert content_hash("x") == content_hash("x")
 
 
-def _r(kind: str, rank: int | None, conf: float, split: str = "dev", verdict: str = "none") -> QueryResult:
-    return QueryResult("k", split, kind, rank, verdict, conf, rank == 1, 1.0)
+def _r(kind: str, rank: int | None, conf: float, split: str = "dev", verdict: str = "none",
+       features: dict[str, float] | None = None) -> QueryResult:
+    return QueryResult("k", split, kind, rank, verdict, conf, rank == 1, 1.0, features or {})
 
 
-def test_metrics_and_calibration() -> None:
+def test_metrics() -> None:
     rs = [_r("dup", 1, 0.95), _r("dup", 3, 0.6), _r("dup", None, 0.4), _r("dup", 1, 0.9),
           _r("neg", None, 0.97), *[_r("neg", None, 0.3) for _ in range(200)]]
     m = ranking_metrics(rs)
@@ -91,5 +95,84 @@ def test_metrics_and_calibration() -> None:
     v = verdict_metrics(rs, 0.9, 0.5)
     assert v["dup_precision_on_dup_queries"] == 1.0 and v["dup_recall"] == 0.5
     assert v["dup_false_rate_on_no_duplicate"] == round(1 / 201, 4)
-    t = calibrate(rs, target_precision=0.9, max_false_rate=0.01)
-    assert t["duplicate"] == 0.9  # lowest threshold meeting precision on dup queries and the false-rate cap
+    assert (v["dup_said"], v["dup_correct"], v["dup_said_on_no_duplicate"]) == (3, 2, 1)
+    assert v["dup_precision_all_reports"] == round(2 / 3, 3)  # the report without a duplicate counts against it
+    assert v["possible_or_dup_said"] == 4 and v["possible_or_dup_correct"] == 2
+    never = verdict_metrics(rs, 1.0, 0.5)  # a duplicate threshold of 1: the offline verdict never says it
+    assert never["dup_said"] == 0 and never["possible_or_dup_said"] == 4
+
+
+def test_verdict_features_of_the_leader_and_the_runner_up() -> None:
+    ev = [Evidence(1.30, 0.91, 1.4, 0.93, 1.0, 2.0, "Upgrade Jetty to 9.4.44"),
+          Evidence(0.90, 0.80, 0.5, 0.93, 0.4, None, "Jetty upgrade to 9.4.39 for CVE")]
+    top = features(ev, 0, "Upgrade jetty to 9.4.39")
+    assert set(top) == set(FEATURES)
+    assert top["margin"] == pytest.approx(0.40) and top["lexical_self"] == 1.0  # capped
+    assert top["dense_gap"] == pytest.approx(0.02) and top["lexical_gap"] == 0.0
+    assert top["log_days"] == pytest.approx(np.log1p(2.0)) and top["version_conflict"] == 1.0
+    assert top["summary_overlap"] == pytest.approx(2 / 4)  # {upgrade, jetty} of {upgrade, jetty, 9.4.39, 9.4.44}
+    second = features(ev, 1, "Upgrade jetty to 9.4.39")
+    assert second["margin"] == pytest.approx(-0.40) and second["version_conflict"] == 0.0
+    assert second["lexical_gap"] == pytest.approx(0.6) and second["log_days"] == 0.0
+    assert summary_versions("bump to v1.2 and hadoop-3.4.0-SNAPSHOT, not 10") == {"1.2", "3.4.0"}
+
+
+def test_decide_and_the_logistic_fit() -> None:
+    assert decide(0.99, 1.0, 0.2) == "possible" and decide(0.95, 0.9, 0.2) == "duplicate"
+    assert decide(0.1, 0.9, 0.2) == "none"
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(400, 2))
+    y = (x[:, 0] * 3 + rng.normal(size=400) > 2.5).astype(int)  # only the first feature matters
+    model = fit_logistic([{"a": a, "b": b} for a, b in x], list(y), ["a", "b"])
+    assert model.weights["a"] > 1.5 and abs(model.weights["b"]) < 0.5 * model.weights["a"]
+    assert model.probability({"a": 2.0, "b": 0.0}) > 0.5 > model.probability({"a": 0.0, "b": 0.0})
+    with pytest.raises(ValueError):
+        fit_logistic([{"a": 1.0}], [1], ["a"])  # no negative example
+
+
+def _dev_set(n_neg: int, noisy_top: int, rng: np.random.Generator, split: str = "dev") -> list[QueryResult]:
+    """Duplicate queries with a high cosine, reports without one lower; `noisy_top` of them above every duplicate."""
+    out = [_r("dup", 1, 0.5, split, features={"cosine": 0.8 + 0.1 * rng.random(), "margin": 0.5})
+           for _ in range(30)]
+    out += [_r("neg", None, 0.1, split, features={"cosine": 0.3 + 0.4 * rng.random(), "margin": 0.1})
+            for _ in range(n_neg - noisy_top)]
+    out += [_r("neg", None, 0.1, split, features={"cosine": 0.99, "margin": 0.6}) for _ in range(noisy_top)]
+    return out
+
+
+def test_calibration_fits_on_dev_and_picks_thresholds() -> None:
+    rng = np.random.default_rng(3)
+    results = _dev_set(300, 0, rng) + _dev_set(300, 50, rng, split="test")  # the test split must not matter
+    c = calibrate(results, features=("cosine", "margin"))
+    assert c["duplicate_reachable_on_dev"] and c["duplicate"] < 1.0 and c["weights"]["cosine"] > 0
+    model = VerdictModel(c["intercept"], c["weights"])
+    dev = [replace(r, confidence=model.probability(r.features)) for r in results if r.split == "dev"]
+    m = verdict_metrics(dev, c["duplicate"], c["possible"])
+    assert m["dup_precision_all_reports"] >= 0.9 and m["dup_said"] >= 3
+    assert m["possible_or_dup_false_rate_on_no_duplicate"] <= 0.2
+    assert c == calibrate(_dev_set(300, 0, np.random.default_rng(3)) + _dev_set(300, 0, rng, "test"),
+                          features=("cosine", "margin"))
+
+
+def test_calibration_disables_an_unreachable_duplicate_verdict() -> None:
+    # The most confident reports carry no labelled duplicate: no threshold reaches 0.9 precision.
+    c = calibrate(_dev_set(300, 40, np.random.default_rng(5)), features=("cosine", "margin"))
+    assert c["duplicate"] == 1.0 and not c["duplicate_reachable_on_dev"]
+    assert 0 < c["possible"] < 1.0
+    with pytest.raises(ValueError):
+        calibrate([_r("dup", 1, 0.5)])  # results without the service's features cannot be calibrated
+
+
+def test_config_verdict_model_is_validated(tmp_path: Path) -> None:
+    (tmp_path / "dedupe.yaml").write_text("verdict: {intercept: -3.5, weights: {cosine: 4, colour: 1, margin: x},"
+                                          " duplicate: 1.0, possible: 0.05}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path)
+    assert "verdict.weights.colour" in str(err.value) and "verdict.weights.margin" in str(err.value)
+    (tmp_path / "dedupe.yaml").write_text("verdict: {intercept: -3.5, weights: {cosine: 4}, duplicate: 0.9, "
+                                          "possible: 0.05}\n")
+    model = load_config(tmp_path).verdict.model
+    assert model.intercept == -3.5 and model.weights == {"cosine": 4.0}
+    (tmp_path / "dedupe.yaml").write_text("verdict: {intercept: 1, duplicate: 0.9, possible: 0.05}\n")
+    with pytest.raises(ConfigError, match="verdict.weights"):
+        load_config(tmp_path)
