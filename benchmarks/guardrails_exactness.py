@@ -8,6 +8,7 @@ an empty ledger. Run: .venv/bin/python benchmarks/guardrails_exactness.py [--rep
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import threading
 import time
@@ -39,8 +40,9 @@ def worst_case(overhead: int) -> tuple[int, int]:
 
 def run_rep(st: Any, callers: int, emu_http: urllib3.PoolManager, bound: int, fraction: float) -> dict[str, Any]:
     with st.sql() as conn:
+        # CASCADE: the write-proposal tables (actions, ...) reference runs; a fresh ledger for every repetition.
         conn.execute("TRUNCATE guardrails.caps, guardrails.reservations, guardrails.runs, guardrails.audit_log, "
-                     "guardrails.audit_head, guardrails.alert_outbox")
+                     "guardrails.audit_head, guardrails.alert_outbox CASCADE")
     # fraction 1: every call costs exactly its reservation (all input billed as 1h cache writes, all output
     # used), so exactly N fit. Below 1, calls cost less than reserved and more than N fit; the cap is used up
     # to the last worst case that no longer fits.
@@ -119,7 +121,7 @@ def main() -> None:
             results.append(res)
             print(f"rep {rep + 1}: {res}", flush=True)
     summary = {
-        "callers": args.callers, "n_fitting_at_worst_case": args.n, "worst_case_micros_per_call": w,
+        "load_avg": list(os.getloadavg()), "callers": args.callers, "n_fitting_at_worst_case": args.n, "worst_case_micros_per_call": w,
         "actual_fraction": args.actual_fraction,
         "every_rep_within_cap": all(r["spent_micros"] <= r["cap_micros"] for r in results),
         "min_used_ratio": min(r["used_ratio"] for r in results),

@@ -198,13 +198,16 @@ class Gateway:
     """One instance per worker; thread-safe (the run cache holds only immutable facts: task and trigger)."""
 
     def __init__(self, *, pool: ConnectionPool, policies: PolicyStore, upstream_url: str, api_key: str,
-                 timeout: float = 600.0, http: urllib3.PoolManager | None = None, durable: bool = True) -> None:
+                 timeout: float = 600.0, http: urllib3.HTTPConnectionPool | None = None,
+                 durable: bool = True) -> None:
         self._pool = pool
         self._policies = policies
         self._upstream = upstream_url.rstrip("/")
         self._key = api_key
         self._timeout = urllib3.Timeout(connect=5.0, read=timeout)
-        self._http = http or urllib3.PoolManager(num_pools=4, maxsize=64, retries=False)
+        # One keep-alive pool for the one upstream host (cheaper per call than a PoolManager's URL routing).
+        self._http = http or urllib3.connection_from_url(self._upstream, maxsize=64, block=False, retries=False)
+        self._base_path = urllib3.util.parse_url(self._upstream).path or ""
         self._runs: dict[str, tuple[str, str]] = {}
         self._durable = durable
 
@@ -308,7 +311,7 @@ class Gateway:
         streaming = bool(req.get("stream"))
         try:
             t_up = time.perf_counter()
-            resp = self._http.request("POST", self._upstream + "/v1/messages", body=raw, headers=fwd,
+            resp = self._http.urlopen("POST", self._base_path + "/v1/messages", body=raw, headers=fwd,
                                       timeout=self._timeout, preload_content=not streaming, redirect=False)
             sent = True
             upstream_seconds = time.perf_counter() - t_up
@@ -462,7 +465,7 @@ class Gateway:
         fwd["content-type"] = "application/json"
         fwd["x-api-key"] = self._key
         try:
-            resp = self._http.request("POST", self._upstream + "/v1/messages/count_tokens", body=raw, headers=fwd,
+            resp = self._http.urlopen("POST", self._base_path + "/v1/messages/count_tokens", body=raw, headers=fwd,
                                       timeout=urllib3.Timeout(connect=5.0, read=60.0), redirect=False)
         except urllib3.exceptions.HTTPError:
             return anthropic_error(502, "api_error", "the Anthropic API could not be reached")
