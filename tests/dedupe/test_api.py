@@ -8,6 +8,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from services.dedupe.config import load_config
+from services.dedupe.verdict import FEATURES
 from shared.embeddings import MiniLMEmbedder, MiniLMOptions
 from tests.conftest import auth
 
@@ -71,6 +73,22 @@ def test_duplicates_ranks_the_paraphrase_first_with_reasons(client: FlaskClient)
     # An unrelated ticket gets no verdict.
     other = dup(client, {"ticket": {"summary": "Kerberos ticket renewal fails after 24 hours on secure clusters"}})
     assert other.get_json()["verdict"] == "none"
+
+
+def test_the_verdict_is_the_configured_model_over_the_returned_features(client: FlaskClient) -> None:
+    index(client, CORPUS)
+    body = dup(client, {"ticket": QUERY, "limit": 5}).get_json()
+    assert set(body["features"]) == set(FEATURES)
+    model = load_config("config").verdict.model
+    assert body["confidence"] == pytest.approx(model.probability(body["features"]), abs=2e-3)
+    assert body["candidates"][0]["confidence"] == body["confidence"]
+    assert all(c["confidence"] < body["confidence"] for c in body["candidates"][1:])  # runners-up: margin < 0
+    # The leader's margin is over the runner-up even when only one candidate is asked for.
+    one = dup(client, {"ticket": QUERY, "limit": 1}).get_json()
+    assert len(one["candidates"]) == 1 and one["confidence"] == body["confidence"]
+    assert one["features"] == body["features"] and one["verdict"] == body["verdict"]
+    # With the shipped calibration the offline verdict stops at "possible": "duplicate" needs the LLM.
+    assert body["verdict"] == "possible"
 
 
 def test_time_and_field_filters(client: FlaskClient) -> None:
