@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import anthropic
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.triage import service
@@ -78,9 +79,29 @@ def ticket(key: str = "PAY-2001", summary: str = "Kiosk clock-in times are one h
 TRIAGE_WORKFLOWS = ("metisTriageJira01", "metisTriagePoll01")
 
 
+FLOW_WEBHOOKS = ("metis-triage-jira", "metis-triage-poll", "metis-approval-request")
+
+
+@pytest.fixture(scope="session")
+def flow_webhooks(stack: Any) -> None:
+    """Wait until n8n serves the flows' webhooks: n8n is ready once its smoke webhook answers, but it registers the
+    other workflows' webhooks one by one, and a delivery before that is a 404. The CORS preflight (OPTIONS with
+    an Origin) asks n8n whether a path is registered without running the workflow."""
+    deadline = time.monotonic() + 60
+    for path in FLOW_WEBHOOKS:
+        while True:
+            r = requests.options(f"{stack.n8n.url}/webhook/{path}", timeout=10, headers={
+                "Origin": "http://probe.invalid", "Access-Control-Request-Method": "POST"})
+            if r.status_code == 204:
+                break
+            assert time.monotonic() < deadline, f"n8n does not serve /webhook/{path}: {r.status_code} {r.text[:200]}"
+            time.sleep(0.2)
+
+
 @pytest.fixture
-def quiet_n8n(request: pytest.FixtureRequest) -> Any:
-    """After a flow test, wait until its n8n executions have ended, so none writes into the next test."""
+def quiet_n8n(request: pytest.FixtureRequest, flow_webhooks: None) -> Any:
+    """Before a flow test, n8n serves the flows' webhooks; after it, wait until its n8n executions have ended,
+    so none writes into the next test."""
     yield
     n8n = request.getfixturevalue("stack").n8n
     deadline = time.monotonic() + 90

@@ -85,6 +85,37 @@ def test_signed_webhook_opens_one_run_and_proposes_once_even_when_redelivered(st
     assert runs[0]["outcome"]["needs_human"] is False and len(runs[0]["outcome"]["actions"]) == 2
 
 
+def test_a_reused_idempotency_key_through_the_flow_is_recorded_not_retried(stack, emu) -> None:
+    """The ticket's comment key (`triage:<KEY>:add_comment`) already names a different write at guardrails: the
+    409 is recorded in the run's outcome, triage is called once, guardrails is asked once, the run succeeds."""
+    n8n, services = stack.n8n, stack.services
+    seed_history(services)
+    emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"])
+    key = emu.jira_seed([{"project": "SUP", "summary": "Annual leave balance negative after accrual run",
+                          "issuetype": "Bug"}])[0]
+    opened = services.post("guardrails", "/v1/runs", caller="triage", json={
+        "task": "triage", "trigger": "manual", "workflow": "an earlier triage", "external_id": f"earlier-{key}"})
+    earlier = services.post("guardrails", "/v1/actions", caller="triage", json={
+        "run_id": opened.json()["id"], "connector": "jira", "operation": "add_comment", "target": key,
+        "payload": {"body": "An earlier suggestion.", "internal": True}, "idempotency_key": f"triage:{key}:add_comment",
+        "reason": "an earlier triage"})
+    assert earlier.status_code == 201, earlier.text
+    actions_before = answered(services, "guardrails", "POST", "/v1/actions")
+    triage_before = answered(services, "triage", "POST", "/v1/triage")
+    issue = emu.jira_state()["issues"][key]
+    body = json.dumps({"webhookEvent": "jira:issue_created", "timestamp": 1, "issue": issue}).encode()
+    r = n8n.webhook(HOOK, data=body, headers={**_signed_headers(emu, body), "X-Atlassian-Webhook-Identifier": key})
+    assert r.status_code == 202, r.text
+    run = _wait(lambda: [x for x in _runs(services, f"jira-issue:{issue['id']}") if x["status"] != "open"])[0]
+    assert run["status"] == "succeeded" and run["outcome"]["refused"] == "idempotency_key_reused", run
+    assert run["outcome"]["actions"] == []
+    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), actions_before) == {"409": 1}
+    assert delta(answered(services, "triage", "POST", "/v1/triage"), triage_before) == {"200": 1}
+    listed = services.get("guardrails", f"/v1/actions?target={key}", caller="ops").json()
+    assert [a["id"] for a in listed] == [earlier.json()["id"]]
+    assert emu.jira_state()["comments"][key] == []
+
+
 def test_a_ticket_without_evidence_is_escalated_through_the_flow(stack, emu) -> None:
     n8n, services = stack.n8n, stack.services
     emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"])
