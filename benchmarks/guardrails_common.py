@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,7 @@ def stack(policy_overrides: dict[str, Any], *, workers: int = 2, threads: int = 
     url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     db.migrate(url, "guardrails", directory=code_root / "services" / "guardrails" / "migrations")
     tmp = Path(tempfile.mkdtemp(prefix="metis-bench-"))
+    failed = True
     key = "sk-ant-bench-" + secrets.token_hex(16)
     ready = tmp / "ready.json"
     argv = [sys.executable, "-m", "emulators", "--host", "127.0.0.1", "--ready-file", str(ready),
@@ -105,6 +107,7 @@ def stack(policy_overrides: dict[str, Any], *, workers: int = 2, threads: int = 
                      env=env, url=f"http://127.0.0.1:{port}", log_dir=tmp, cwd=code_root)
         wait_http(proc, "/healthz", timeout=60)
         yield Stack(url, anthropic_url, key, proc, emu, tmp)
+        failed = False
     finally:
         if proc:
             proc.stop()
@@ -112,6 +115,8 @@ def stack(policy_overrides: dict[str, Any], *, workers: int = 2, threads: int = 
         emu.wait(10)
         with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if not failed:  # the logs stay only when something went wrong
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
