@@ -292,7 +292,7 @@ def up(env: Mapping[str, str] | None = None) -> int:
         if not imported:
             print("    workflows and credentials unchanged since the last import: skipped", flush=True)
         step("n8n start (until production webhooks answer)")
-        n8n_proc = n8n.start(inst, n8n_env, cfg, name="n8n")
+        n8n_proc = n8n.start(inst, n8n_env, cfg, name="n8n", webhooks=n8n.webhook_paths(files))
         started.append(n8n_proc)
         write_pidfile(n8n_proc)
 

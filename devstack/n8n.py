@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 import psycopg
@@ -468,8 +468,9 @@ def sweep_abandoned(admin_url: str, prefix: str, max_age: float = 3600) -> list[
 
 
 def start(inst: N8nInstall, env: Mapping[str, str], cfg: N8nConfig, *, timeout: float = 180,
-          name: str | None = None, import_creds: bool = False) -> Proc:
-    """Start `n8n start` and wait until the editor is healthy and the smoke webhook round-trips.
+          name: str | None = None, import_creds: bool = False, webhooks: Iterable[str] = ()) -> Proc:
+    """Start `n8n start` and wait until the editor is healthy, the smoke webhook round-trips and every path in
+    `webhooks` (the published workflows' production webhooks) is registered.
 
     With import_creds, the credentials are imported while the server boots: n8n reads a credential
     from the database when a node runs, not at start-up, and the first webhook call waits for the import.
@@ -479,7 +480,7 @@ def start(inst: N8nInstall, env: Mapping[str, str], cfg: N8nConfig, *, timeout: 
     try:
         if import_creds:
             import_credentials(inst, env, credentials(cfg))
-        wait_ready(proc, timeout=timeout)
+        wait_ready(proc, timeout=timeout, webhooks=webhooks)
     except BaseException:
         proc.stop()
         raise
@@ -499,10 +500,14 @@ def smoke_call(base_url: str, timeout: float = 10) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def wait_ready(proc: Proc, *, timeout: float = 180) -> dict[str, Any]:
-    """Wait for /healthz 200, then for a production webhook answering with the service's JSON."""
+def wait_ready(proc: Proc, *, timeout: float = 180, webhooks: Iterable[str] = ()) -> dict[str, Any]:
+    """Wait for /healthz 200, then for a production webhook answering with the service's JSON, then for every
+    path in `webhooks`: n8n registers the workflows' webhooks one by one after start-up, and a delivery before
+    that is a 404 (which Jira would count as a failed delivery)."""
     deadline = time.monotonic() + timeout
     healthy = False
+    body: dict[str, Any] | None = None
+    pending = sorted(set(webhooks))
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise N8nError(f"n8n exited with {proc.popen.returncode}:\n{proc.log_tail(60)}")
@@ -511,14 +516,28 @@ def wait_ready(proc: Proc, *, timeout: float = 180) -> dict[str, Any]:
                 healthy = requests.get(proc.url + "/healthz", timeout=2).status_code == 200
             except requests.RequestException:
                 pass
-        if healthy:
+        if healthy and body is None:
             body = smoke_call(proc.url)
-            if body is not None:
-                if body.get("caller") != "n8n":
-                    raise N8nError(f"smoke workflow reached the service but not as caller n8n: {body}")
+            if body is not None and body.get("caller") != "n8n":
+                raise N8nError(f"smoke workflow reached the service but not as caller n8n: {body}")
+        if body is not None:
+            pending = [path for path in pending if not webhook_registered(proc.url, path)]
+            if not pending:
                 return body
         time.sleep(0.25)
-    raise N8nError(f"n8n at {proc.url} not ready after {timeout}s (healthz ok: {healthy}):\n{proc.log_tail(60)}")
+    raise N8nError(f"n8n at {proc.url} not ready after {timeout}s (healthz ok: {healthy}, smoke: {body is not None}, "
+                   f"webhooks not registered: {pending}):\n{proc.log_tail(60)}")
+
+
+def webhook_registered(base_url: str, path: str) -> bool:
+    """Whether n8n serves the production webhook `path`, asked without running its workflow: a CORS preflight
+    (OPTIONS with an Origin) answers 204 for a registered path and 404 otherwise."""
+    try:
+        r = requests.options(f"{base_url}/webhook/{path}", timeout=5, headers={
+            "Origin": "http://probe.invalid", "Access-Control-Request-Method": "POST"})
+    except requests.RequestException:
+        return False
+    return r.status_code == 204
 
 
 def prepare(inst: N8nInstall, cfg: N8nConfig, files: Sequence[WorkflowFile]) -> dict[str, str]:

@@ -8,7 +8,8 @@ import psycopg
 import pytest
 import requests
 
-from devstack.n8n import SMOKE_WEBHOOK_PATH, SMOKE_WORKFLOW_ID, TOKEN_CREDENTIAL_ID
+from devstack.n8n import (SMOKE_WEBHOOK_PATH, SMOKE_WORKFLOW_ID, TOKEN_CREDENTIAL_ID, webhook_paths,
+                          webhook_registered, workflow_files)
 from tests.conftest import TEST_TOKENS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n")]
@@ -34,6 +35,15 @@ def test_webhook_calls_guardrails_as_n8n_with_the_execution_id(n8n, services):
     m = re.search(r'metis_http_requests_total\{endpoint="/v1/whoami",method="GET",service="guardrails",'
                   r'status="200"\} (\d+)', metrics)
     assert m and int(m.group(1)) >= 2, metrics[:1500]
+
+
+def test_every_workflow_webhook_is_served_once_the_fixture_is_ready(n8n):
+    # n8n registers webhooks one by one after start-up; readiness waits for all of them, so the first
+    # delivery to any flow is never a 404.
+    paths = webhook_paths(workflow_files())
+    assert {"metis-triage-jira", SMOKE_WEBHOOK_PATH} <= paths
+    assert [p for p in sorted(paths) if not webhook_registered(n8n.url, p)] == []
+    assert not webhook_registered(n8n.url, "metis-no-such-webhook")
 
 
 def test_the_service_token_lives_only_in_an_encrypted_credential(n8n):
