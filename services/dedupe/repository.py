@@ -37,15 +37,22 @@ def existing_hashes(conn: psycopg.Connection, keys: Sequence[str]) -> dict[str, 
     return {r["key"]: r for r in rows}  # type: ignore[call-overload,index,misc]
 
 
+_UPSERT = (
+    f"INSERT INTO dedupe.tickets ({', '.join(TICKET_COLUMNS)}, rev, deleted, indexed_at) "
+    f"VALUES ({', '.join(f'%({c})s' for c in TICKET_COLUMNS)}, %(rev)s, false, now()) "
+    f"ON CONFLICT (key) DO UPDATE SET {', '.join(f'{c} = EXCLUDED.{c}' for c in TICKET_COLUMNS if c != 'key')}, "
+    "rev = EXCLUDED.rev, deleted = false, indexed_at = now()")
+
+
 def upsert_ticket(conn: psycopg.Connection, values: dict[str, Any], rev: int) -> None:
     """Insert or replace one ticket (and undelete it)."""
-    cols = ", ".join(TICKET_COLUMNS)
-    params = ", ".join(f"%({c})s" for c in TICKET_COLUMNS)
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in TICKET_COLUMNS if c != "key")
-    conn.execute(
-        f"INSERT INTO dedupe.tickets ({cols}, rev, deleted, indexed_at) VALUES ({params}, %(rev)s, false, now()) "
-        f"ON CONFLICT (key) DO UPDATE SET {updates}, rev = EXCLUDED.rev, deleted = false, indexed_at = now()",
-        {**values, "rev": rev})
+    conn.execute(_UPSERT, {**values, "rev": rev})
+
+
+def upsert_tickets(conn: psycopg.Connection, rows: Sequence[dict[str, Any]], first_rev: int) -> None:
+    """Insert or replace tickets with consecutive revs from `first_rev`, in one pipelined round of statements."""
+    with conn.cursor() as cur:
+        cur.executemany(_UPSERT, [{**values, "rev": first_rev + i} for i, values in enumerate(rows)])
 
 
 def mark_deleted(conn: psycopg.Connection, key: str, rev: int) -> bool:

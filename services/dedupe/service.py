@@ -128,6 +128,13 @@ class Engine:
 
     def start(self, *, background: bool = True) -> None:
         """Load the model, then the index from PostgreSQL."""
+        if self.config.embedding.threads > 0:
+            # numpy's BLAS (the dense scan) gets the model's thread count too: on a shared 2-core machine two
+            # BLAS threads per worker only queue behind each other and the other worker (2-5x slower under load).
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=self.config.embedding.threads, user_api="blas")
+
         def run() -> None:
             self.model.load()
             try:
@@ -217,8 +224,7 @@ def upsert_tickets(*, engine: Engine, tickets: Sequence[TicketIn]) -> dict[str, 
     if changed:
         with transaction(engine.pool) as conn:
             last = repository.take_revs(conn, len(changed))
-            for i, p in enumerate(changed):
-                repository.upsert_ticket(conn, p, last - len(changed) + 1 + i)
+            repository.upsert_tickets(conn, changed, last - len(changed) + 1)
     metrics.INDEXED.labels("indexed").inc(len(changed))
     metrics.INDEXED.labels("embedded").inc(len(to_embed))
     return {"received": len(tickets), "indexed": len(changed), "embedded": len(to_embed),
@@ -258,6 +264,8 @@ class Hit:
     lexical_self: float
     days: float | None
     shared: list[str]
+    cosine_best: float = 1.0    # best cosine among the eligible candidates (for the verdict's dense_gap)
+    lexical_norm: float = 1.0   # BM25F / best BM25F among the eligible candidates (for lexical_gap)
 
     def evidence(self) -> verdict_model.Evidence:
         return verdict_model.Evidence(self.score, self.cosine, self.lexical_self, self.cosine_best,
@@ -265,8 +273,6 @@ class Hit:
 
 
 def _ts(d: datetime | None) -> float | None:
-    cosine_best: float = 1.0    # best cosine among the eligible candidates (for the verdict's dense_gap)
-    lexical_norm: float = 1.0   # BM25F / best BM25F among the eligible candidates (for lexical_gap)
     return _utc(d).timestamp() if d is not None else None  # type: ignore[union-attr]
 
 
@@ -288,15 +294,16 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
         eligible = int(m.sum())
         if eligible == 0:
             return [], 0
-        cos = index.dense(qvec)
         bm = index.lexical.score(qs, qd, index.size)
         self_score = max(index.lexical.self_score(qs, qd), 1e-6)
         f = cfg.fusion
         # Candidate pool: the best of each retriever (a full fused sort of 100k rows is not needed).
         pool = min(f.pool, eligible)
-        cand = set(_top(np.where(m, cos, -np.inf), pool)) | set(_top(np.where(m, bm, -np.inf), pool))
+        cand = set(index.dense_top(qvec, m, pool)) | set(_top(np.where(m, bm, -np.inf), pool))
         cand_arr = np.fromiter(cand, dtype=np.int64)
         cand_arr = cand_arr[m[cand_arr]]
+        cos = np.zeros(index.size, dtype=np.float32)  # exact cosines, filled in for the candidates only
+        cos[cand_arr] = index.cosines(qvec, cand_arr)
         bm_max = float(bm[cand_arr].max()) if len(cand_arr) else 0.0
         q_time = _ts(ticket.created) or _ts(filters.created_before) or time.time()
         created = index.created[cand_arr]
@@ -305,13 +312,13 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
         fused = (f.lexical * bm[cand_arr] / max(bm_max, 1e-6) + f.dense * cos[cand_arr] - f.recency * recency)
         order = np.argsort(-fused, kind="stable")[:limit]
         hits: list[Hit] = []
+        cos_best = float(cos[cand_arr].max()) if len(cand_arr) else 0.0
         qterms = set(qs) | set(qd)
         for o in order:
             slot = int(cand_arr[o])
             meta = index.meta[slot]
             assert meta is not None
             doc = index.lexical.docs.get(slot)
-        cos_best = float(cos[cand_arr].max()) if len(cand_arr) else 0.0
             shared: list[str] = []
             if doc is not None and qterms:
                 words = [index.lexical.terms[int(t)] for t in doc[0]]
@@ -366,16 +373,16 @@ def candidate_dict(hit: Hit, ticket: TicketIn, *, confidence: float, with_resolu
     return d
 
 
+def candidate_confidences(hits: list[Hit], ticket: TicketIn, cfg: DedupeConfig) -> list[float]:
+    """The verdict model's probability for every candidate (its margin is over the best other candidate)."""
+    ev = [h.evidence() for h in hits]
+    return [cfg.verdict.model.probability(verdict_model.features(ev, i, ticket.summary)) for i in range(len(ev))]
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
 
 def check_duplicates(*, engine: Engine, ticket: TicketIn, limit: int, created_before: datetime | None,
                      filters: Filters, idempotency_key: str | None = None, run_id: str | None = None,
-def candidate_confidences(hits: list[Hit], ticket: TicketIn, cfg: DedupeConfig) -> list[float]:
-    """The verdict model's probability for every candidate (its margin is over the best other candidate)."""
-    ev = [h.evidence() for h in hits]
-    return [cfg.verdict.model.probability(verdict_model.features(ev, i, ticket.summary)) for i in range(len(ev))]
                      index_ticket: bool = False, verifier: Any = None) -> dict[str, Any]:
     """Search, decide a verdict (offline, or confirmed by the LLM), optionally index the ticket; idempotent per key."""
     if idempotency_key:
