@@ -36,8 +36,15 @@ def _policies() -> PolicyStore:
 @api.route("/v1/runs", methods=["POST"], body=s.RunCreate, response=s.RunRead, status=201)
 def open_run(body: dict[str, Any]) -> Any:
     """Open a run (idempotent on task + external_id); refused while killed or when a cap is exhausted."""
-    with transaction(ctx().pool) as conn:
-        run, created = service.open_run(conn=conn, policy=_policies().get(), caller=g.caller, **body)
+    try:
+        with transaction(ctx().pool) as conn:
+            run, created = service.open_run(conn=conn, policy=_policies().get(), caller=g.caller, **body)
+    except service.Denied as denied:
+        with transaction(ctx().pool) as conn:
+            service.record_run_denied(conn=conn, caller=g.caller, denied=denied, task=body["task"],
+                                      trigger=body["trigger"], workflow=body["workflow"],
+                                      external_id=body.get("external_id"))
+        raise
     run["created"] = created
     return run, (201 if created else 200)
 

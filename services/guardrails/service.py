@@ -177,6 +177,16 @@ def ensure_not_killed(conn: psycopg.Connection[Any]) -> None:
                      code="kill_switch_engaged")
 
 
+def record_run_denied(*, conn: psycopg.Connection[Any], caller: str, denied: Denied, task: str, trigger: str,
+                      workflow: str, external_id: str | None) -> None:
+    """Audit a refused run opening (kill switch, trigger, exhausted cap). Called in its own transaction: the
+    refusal rolls back the opening's, and an unaudited refusal would hide why a job did not run."""
+    repo.audit_append(conn, kind="run.denied", actor=caller, task=task,
+                      subject=str(denied.extra.get("cap") or denied.code),
+                      data={"reason": denied.code, "detail": denied.detail, "trigger": trigger, "workflow": workflow,
+                            "external_id": external_id})
+
+
 def open_run(*, conn: psycopg.Connection[Any], policy: Policy, caller: str, task: str, trigger: str,
              workflow: str, external_id: str | None) -> tuple[dict[str, Any], bool]:
     """Open a run (or return the one with the same task + external id); refuse when killed or out of budget."""
@@ -194,9 +204,6 @@ def open_run(*, conn: psycopg.Connection[Any], policy: Policy, caller: str, task
     ensure_not_killed(conn)
     for cap in budget_view(policy, conn, task):
         if cap["remaining_micros"] <= 0:
-            repo.audit_append(conn, kind="run.denied", actor=caller, task=task, subject=cap["key"],
-                              data={"reason": f"{cap['scope']}_cap_exhausted", "trigger": trigger,
-                                    "workflow": workflow, "external_id": external_id})
             raise Denied(f"the {cap['key']} cap is exhausted ({cap['spent_micros']} of {cap['limit_micros']} "
                          "micro-USD spent or reserved)", code=f"{cap['scope']}_cap_exhausted",
                          extra={"cap": cap["key"]})

@@ -171,6 +171,24 @@ def test_run_open_is_refused_when_a_cap_is_exhausted(guardrails, sql):
     budgets = requests.get(guardrails.url + "/v1/budgets", headers=auth("ops"), timeout=5).json()
     daily = [b for b in budgets["caps"] if b["scope"] == "daily"][0]
     assert daily["remaining_micros"] == 0
+    # Every refusal is in the audit trail (its own transaction: the refused opening's is rolled back).
+    with pytest.raises(BudgetDenied):
+        c.open_run("investigate", trigger="schedule", external_id="n8n-exec-7")
+    requests.post(guardrails.url + "/v1/kill-switch/engage", json={"actor": "alice", "reason": "drill"},
+                  headers=auth("ops"), timeout=5).raise_for_status()
+    with pytest.raises(BudgetDenied):
+        c.open_run("digest", trigger="schedule", workflow="digest-weekly")
+    rows = sql.execute("SELECT actor, task, subject, data FROM guardrails.audit_log WHERE kind = 'run.denied' "
+                       "ORDER BY seq").fetchall()
+    assert [(r["actor"], r["task"], r["subject"], r["data"]["reason"]) for r in rows] == [
+        ("triage", "triage", day["key"], "daily_cap_exhausted"),
+        ("triage", "investigate", "trigger_not_allowed", "trigger_not_allowed"),
+        ("triage", "digest", "kill_switch_engaged", "kill_switch_engaged")]
+    assert rows[1]["data"]["external_id"] == "n8n-exec-7" and rows[2]["data"]["workflow"] == "digest-weekly"
+    assert "alice" in rows[2]["data"]["detail"]
+    assert sql.execute("SELECT count(*) AS n FROM guardrails.runs").fetchone()["n"] == 0
+    verify = requests.get(guardrails.url + "/v1/audit/verify", headers=auth("ops"), timeout=5)
+    assert verify.status_code == 200 and verify.json()["ok"] is True, verify.text
 
 
 def test_client_run_context_manager_finishes_runs(guardrails):
