@@ -21,7 +21,7 @@ pytestmark = pytest.mark.xdist_group("dedupe")
 def llm_app(make_app: Callable[..., Flask], emu: Any, tmp_path: Path) -> Flask:
     cfg = yaml.safe_load(Path("config/dedupe.yaml").read_text())
     cfg["llm"]["enabled"] = True
-    cfg["verdict"]["possible"] = 0.3  # make sure the paraphrase reaches verification
+    cfg["verdict"]["possible"] = 0.001  # make sure the paraphrase reaches verification (p is a probability)
     (tmp_path / "dedupe.yaml").write_text(yaml.safe_dump(cfg))
     return make_app(config_dir=str(tmp_path), own_token=Secret(emu.anthropic_key),
                     extra={"METIS_DEDUPE_LLM": "on", "METIS_DEDUPE_LLM_BASE_URL": emu.anthropic_url})
