@@ -353,6 +353,14 @@ def markdown(rep: dict[str, Any]) -> str:
                      + ("" if c["duplicate_reachable_on_dev"] else
                         f" (precision >= target not reachable on dev: offline \"duplicate\" disabled)"))
         lines.append("")
+        lines.append("config/dedupe.yaml, section verdict (the model is tied to the embedder: refit when it changes):")
+        lines.append("```yaml")
+        lines.append(f"  intercept: {c['intercept']}")
+        lines.append("  weights: {" + ", ".join(f"{k}: {v}" for k, v in c["weights"].items()) + "}")
+        lines.append(f"  duplicate: {c['duplicate']}")
+        lines.append(f"  possible: {c['possible']}")
+        lines.append("```")
+        lines.append("")
         lines.append("| split (calibrated model) | dup said | correct | on no-dup | precision all reports | "
                      "possible+dup recall | possible+dup false rate |")
         lines.append("|---|---|---|---|---|---|---|")
