@@ -295,9 +295,17 @@ def test_a_budget_denial_is_one_clean_refusal(flow: Any, emu: Any) -> None:
     assert "Check duplicates" not in ran and "Finish run" not in ran
     # One attempt: guardrails answered exactly one 403 to POST /v1/runs (n8n did not retry the denial).
     assert _run_refusals(services) - refusals_before == 1
+    denials = _sql(services.database_url, "SELECT data->>'external_id', data->>'reason' FROM guardrails.audit_log "
+                                          "WHERE kind = 'run.denied'")
+    assert denials == [(f"jira-issue:{issue_id}", "task_daily_cap_exhausted")]
     assert _runs(services) == [] and _checks(services) == []
-    # The claim was given up: once the budget allows, a later delivery of that issue is checked.
+    # The claim was given up: once the budget allows, a redelivery of that issue is checked.
     assert _sql(services.database_url, "SELECT count(*) FROM dedupe.claims") == [(0,)]
+    _sql(services.database_url, "UPDATE guardrails.caps SET spent_micros = 0 WHERE key = %s", cap["key"])
+    emu._post(emu.jira_url + "/_emulator/jira/webhooks/redeliver", {})
+    run = _finished_run(services, issue_id)
+    assert run["status"] == "succeeded" and run["outcome"]["ticket"] == key, run
+    assert [r[0] for r in _intake(services)] == ["accepted", "refused", "accepted"]
 
 
 def _run_refusals(services: Any) -> float:
