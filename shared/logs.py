@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
+from typing import Any, Mapping
 
 from flask import g, has_request_context
 from pythonjsonlogger.json import JsonFormatter
+
+
+# For code that serves a request outside Flask's request context (a WSGI fast path): the same three fields.
+REQUEST_FIELDS: ContextVar[Mapping[str, Any] | None] = ContextVar("metis_request_fields", default=None)
 
 
 class ContextFilter(logging.Filter):
@@ -21,6 +27,12 @@ class ContextFilter(logging.Filter):
             record.request_id = g.get("request_id")
             record.n8n_execution_id = g.get("n8n_execution_id")
             record.caller = g.get("caller")
+        else:
+            fields = REQUEST_FIELDS.get()
+            if fields is not None:
+                record.request_id = fields.get("request_id")
+                record.n8n_execution_id = fields.get("n8n_execution_id")
+                record.caller = fields.get("caller")
         return True
 
 

@@ -23,6 +23,7 @@ from . import actions, service
 from .actions_api import actions_api
 from .actions_metrics import ActionsCollector
 from .api import GATEWAY_PATHS, api, gateway_api
+from .fastpath import GatewayFastPath
 from .gateway import Gateway
 from .metrics import LedgerCollector
 from .policy import load_policy
@@ -75,6 +76,8 @@ def create_app(settings: Settings | None = None, *, anthropic_api_key: str | Non
                                upstream_url=extra.get("METIS_ANTHROPIC_URL", "https://api.anthropic.com"),
                                api_key=key, timeout=float(extra.get("METIS_ANTHROPIC_TIMEOUT", "600")),
                                durable=sync_commit == "on")
+    # POST /anthropic/v1/messages (+ count_tokens) skip Flask's per-request machinery: same checks and answers.
+    app.wsgi_app = GatewayFastPath(app.wsgi_app, state["gateway"], settings)  # type: ignore[method-assign]
     state["metrics_collectors"] = [LedgerCollector(pool, store), ActionsCollector(pool)]
     state["actions"] = actions.ActionService(pool=pool, policies=store,
                                              executors=actions.executors_from_settings(settings))

@@ -7,7 +7,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Iterator, Mapping
 from zoneinfo import ZoneInfo
 
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 RUN_HEADER = "X-Metis-Run-Id"
 JUSTIFICATION_HEADER = "X-Metis-Justification"
 DENIAL_HEADER = "X-Metis-Denial"
-# Request headers the upstream needs; everything else (our token, run id, hop-by-hop) stays here.
-_FORWARD_HEADERS = ("anthropic-version", "anthropic-beta", "content-type")
+# Request headers passed on to the upstream (besides content-type and our key); everything else (the caller's
+# token, the run id, hop-by-hop headers) stays here.
+_FORWARD_HEADERS = ("anthropic-version", "anthropic-beta")
 # Response headers worth passing back (rate-limit hints drive the SDK's own backoff on 429/529).
 _RETURN_HEADER_PREFIXES = ("anthropic-", "retry-after", "request-id", "x-should-retry", "content-type")
 _UNBOUNDED_SOURCES = ("url", "file")
@@ -58,14 +59,14 @@ def anthropic_error(status: int, etype: str, message: str, *, reason: str | None
 
 
 def deny(reason: str, message: str, *, status: int = 403, **details: Any) -> GatewayResponse:
-    m.DENIALS.labels(reason).inc()
+    m.child(m.DENIALS, reason).inc()
     etype = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error"}[status]
     return anthropic_error(status, etype, message, reason=reason, details=details, retry=False)
 
 
 def invalid(message: str) -> GatewayResponse:
     """The 400 Anthropic itself would give for a malformed request (checked before any money is reserved)."""
-    m.DENIALS.labels("invalid_request").inc()
+    m.child(m.DENIALS, "invalid_request").inc()
     return anthropic_error(400, "invalid_request_error", message, retry=False)
 
 
@@ -210,6 +211,11 @@ class Gateway:
         self._base_path = urllib3.util.parse_url(self._upstream).path or ""
         self._runs: dict[str, tuple[str, str]] = {}
         self._durable = durable
+        # The period caps a task's call falls under, as the JSON `reserve` takes: the same for every call of a
+        # task on one local day under one policy version, so built once per (policy digest, task, local day).
+        self._caps_json: dict[tuple[str, str, date], str] = {}
+        self._fwd_base = {"anthropic-version": "2023-06-01", "content-type": "application/json",
+                          "x-api-key": api_key}
 
     # -------------------------------------------------------------- messages
 
@@ -220,7 +226,7 @@ class Gateway:
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg.errors.AdminShutdown) as exc:
             # Fail closed: no ledger, no call. 503 lets the SDK back off and retry a brief outage.
             log.warning("ledger unavailable; refusing LLM call", extra={"error": str(exc)[:200]})
-            m.DENIALS.labels("ledger_unavailable").inc()
+            m.child(m.DENIALS, "ledger_unavailable").inc()
             return anthropic_error(503, "api_error", "the guardrails ledger is unavailable; the call was refused "
                                    "(fail closed)", reason="ledger_unavailable")
 
@@ -274,7 +280,7 @@ class Gateway:
         reservation_id = uuid.uuid4()
         with self._pool.connection() as conn:
             r = repo.reserve(conn, reservation_id=reservation_id, run_id=run_uuid, caller=caller, model=priced,
-                             amount_micros=reserve_micros, tokens=reserve_tokens, caps=period_caps(policy, task),
+                             amount_micros=reserve_micros, tokens=reserve_tokens, caps=self._caps(policy, task),
                              timeout_seconds=policy.reservation_timeout_seconds,
                              audit={"trigger": trigger, "max_tokens": max_tokens, "input_bound": bound})
             if r["ok"] and self._durable:
@@ -303,10 +309,7 @@ class Gateway:
                             price: Price, model: str, task: str, caller: str, reservation_id: uuid.UUID,
                             reserve_micros: int, reserve_tokens: int, justification: str,
                             t0: float) -> GatewayResponse:
-        fwd = {h: v for h in _FORWARD_HEADERS if (v := _header(headers, h))}
-        fwd.setdefault("anthropic-version", "2023-06-01")
-        fwd["content-type"] = "application/json"
-        fwd["x-api-key"] = self._key
+        fwd = self._forward_headers(headers)
         sent = False
         streaming = bool(req.get("stream"))
         try:
@@ -339,7 +342,7 @@ class Gateway:
             # Upstream refused (400, 429, 529, 5xx...): nothing was generated, nothing is billed.
             self._settle(reservation_id, "released", 0, 0, policy, "llm.upstream_error",
                          {"status": resp.status, "upstream_request_id": resp.headers.get("request-id")})
-            m.UPSTREAM_ERRORS.labels(str(resp.status)).inc()
+            m.child(m.UPSTREAM_ERRORS, str(resp.status)).inc()
             return GatewayResponse(resp.status, resp.data, out_headers)
         try:
             body = json.loads(resp.data)
@@ -460,10 +463,7 @@ class Gateway:
             return invalid("request body is not valid JSON")
         if not isinstance(req, dict) or not isinstance(req.get("model"), str):
             return invalid("model: Field required")
-        fwd = {h: v for h in _FORWARD_HEADERS if (v := _header(headers, h))}
-        fwd.setdefault("anthropic-version", "2023-06-01")
-        fwd["content-type"] = "application/json"
-        fwd["x-api-key"] = self._key
+        fwd = self._forward_headers(headers)
         try:
             resp = self._http.urlopen("POST", self._base_path + "/v1/messages/count_tokens", body=raw, headers=fwd,
                                       timeout=urllib3.Timeout(connect=5.0, read=60.0), redirect=False)
@@ -473,6 +473,24 @@ class Gateway:
         return GatewayResponse(resp.status, resp.data, out)
 
     # -------------------------------------------------------------- helpers
+
+    def _forward_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        fwd = dict(self._fwd_base)
+        for h in _FORWARD_HEADERS:
+            v = _header(headers, h)
+            if v:
+                fwd[h] = v
+        return fwd
+
+    def _caps(self, policy: Policy, task: str) -> str:
+        now = datetime.now(ZoneInfo(policy.timezone))
+        key = (policy.digest, task, now.date())
+        caps = self._caps_json.get(key)
+        if caps is None:
+            if len(self._caps_json) > 1000:
+                self._caps_json.clear()
+            caps = self._caps_json[key] = json.dumps(period_caps(policy, task, now))
+        return caps
 
     def _run_facts(self, run_id: str) -> tuple[str, str] | None:
         facts = self._runs.get(run_id)

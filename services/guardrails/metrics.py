@@ -32,20 +32,32 @@ OPEN_RESERVATIONS = Gauge("metis_llm_inflight_calls", "LLM calls in flight throu
                           multiprocess_mode="livesum")
 
 
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, looked up once per label set (labels() validates and locks on every call)."""
+    key = (metric, *labels)
+    c = _children.get(key)
+    if c is None:
+        c = _children[key] = metric.labels(*labels)
+    return c
+
+
 def observe_spend(task: str, model: str, price: "Price", usage: "Usage", kinds_nanos: dict[str, int]) -> None:
     """Count one settled call's tokens and dollars per kind, and what caching saved or cost."""
-    CALLS.labels(task, model).inc()
+    child(CALLS, task, model).inc()
     for kind, nanos in kinds_nanos.items():
         tokens = getattr(usage, kind)
         if tokens:
-            TOKENS.labels(task, model, kind).inc(tokens)
-            SPEND_USD.labels(task, model, kind).inc(nanos / 1e9)
+            child(TOKENS, task, model, kind).inc(tokens)
+            child(SPEND_USD, task, model, kind).inc(nanos / 1e9)
     if usage.cache_read:
-        CACHE_SAVINGS_USD.labels(task, model).inc(usage.cache_read * (price.input - price.cache_read) / 1e9)
+        child(CACHE_SAVINGS_USD, task, model).inc(usage.cache_read * (price.input - price.cache_read) / 1e9)
     premium = usage.cache_write_5m * (price.cache_write_5m - price.input) + \
         usage.cache_write_1h * (price.cache_write_1h - price.input)
     if premium > 0:
-        CACHE_WRITE_PREMIUM_USD.labels(task, model).inc(premium / 1e9)
+        child(CACHE_WRITE_PREMIUM_USD, task, model).inc(premium / 1e9)
 
 
 class LedgerCollector(Collector):

@@ -189,14 +189,19 @@ def caps_for_periods(conn: psycopg.Connection[Any], periods: Sequence[str]) -> l
 
 
 def reserve(conn: psycopg.Connection[Any], *, reservation_id: uuid.UUID, run_id: uuid.UUID | str, caller: str,
-            model: str, amount_micros: int, tokens: int, caps: list[dict[str, Any]], timeout_seconds: int,
+            model: str, amount_micros: int, tokens: int, caps: list[dict[str, Any]] | str, timeout_seconds: int,
             audit: dict[str, Any]) -> dict[str, Any]:
-    """The one atomic reservation (see migration 0002 `reserve`)."""
+    """The one atomic reservation (see migration 0002 `reserve`). `caps` may come as JSON text already."""
     row = conn.execute("SELECT guardrails.reserve(%s, %s, %s, %s, %s, %s, %s, %s, %s) AS r",
-                       (reservation_id, run_id, caller, model, amount_micros, tokens, Jsonb(caps),
-                        timeout_seconds, Jsonb(audit))).fetchone()
+                       (reservation_id, run_id, caller, model, amount_micros, tokens,
+                        Jsonb(caps, dumps=_as_is) if isinstance(caps, str) else Jsonb(caps),
+                        timeout_seconds, Jsonb(audit)), prepare=True).fetchone()
     assert row is not None
     return dict(row["r"])
+
+
+def _as_is(text: str) -> str:
+    return text
 
 
 def make_durable(conn: psycopg.Connection[Any], reservation_id: uuid.UUID) -> None:
@@ -204,7 +209,8 @@ def make_durable(conn: psycopg.Connection[Any], reservation_id: uuid.UUID) -> No
 
     A transaction that writes WAL commits under this session's synchronous_commit=on, which flushes the WAL
     up to its own, later, commit record. (An xid alone writes no WAL and would not flush: it must write.)"""
-    conn.execute("UPDATE guardrails.reservations SET created_at = created_at WHERE id = %s", (reservation_id,))
+    conn.execute("UPDATE guardrails.reservations SET created_at = created_at WHERE id = %s", (reservation_id,),
+                 prepare=True)
 
 
 def settle(conn: psycopg.Connection[Any], *, reservation_id: uuid.UUID | str, state: str, cost_micros: int,
@@ -212,7 +218,7 @@ def settle(conn: psycopg.Connection[Any], *, reservation_id: uuid.UUID | str, st
     """Close a reservation: settled / released / expired (see migration 0002 `settle`)."""
     row = conn.execute("SELECT guardrails.settle(%s, %s, %s, %s, %s, %s, %s) AS r",
                        (reservation_id, state, cost_micros, used_tokens, list(thresholds), audit_kind,
-                        Jsonb(audit))).fetchone()
+                        Jsonb(audit)), prepare=True).fetchone()
     assert row is not None
     return dict(row["r"])
 
