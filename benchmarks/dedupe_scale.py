@@ -77,6 +77,18 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of some processes so far (what they would need of idle cores)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def unpack(rev: str, dest: Path) -> Path:
     """The repository at `rev`, as files (no git metadata), beside a link to ../shared for the data."""
     blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
@@ -97,6 +109,18 @@ def start(tree: Path, name: str, url: str, token: str, log_dir: Path, workers: i
     argv = [str(Path(sys.executable).parent / "gunicorn"), "-c", str(tree / "shared" / "gunicorn_conf.py"),
             "services.dedupe.app:create_app()"]
     return spawn(f"{name}-{port}", argv, env=env, url=f"http://127.0.0.1:{port}", log_dir=log_dir, cwd=tree)
+
+
+def wait_all_workers_ready(proc: Proc, timeout: float) -> None:
+    """/readyz from every worker: 20 answers in a row, each on a new connection (any worker may take it)."""
+    wait_http(proc, "/readyz", timeout=timeout)
+    deadline, streak = time.monotonic() + timeout, 0
+    while streak < 20:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{proc.name}: not every worker became ready:\n{proc.log_tail()}")
+        ok = requests.get(proc.url + "/readyz", timeout=10).status_code == 200
+        streak = streak + 1 if ok else 0
+        time.sleep(0.05 if ok else 0.5)
 
 
 def session(token: str) -> requests.Session:
@@ -249,6 +273,7 @@ def index_rounds(admin: str, trees: dict[str, Path], data: Dataset, token: str, 
     """Each round: both versions, one after the other (order alternating), each on a fresh database."""
     rates: dict[str, list[float]] = {k: [] for k in trees}
     loads: dict[str, list[float]] = {k: [] for k in trees}
+    per_cpu: dict[str, list[float]] = {k: [] for k in trees}
     tickets = api_tickets(data)
     for r in range(args.index_rounds):
         order = list(trees) if r % 2 == 0 else list(reversed(trees))
@@ -257,18 +282,26 @@ def index_rounds(admin: str, trees: dict[str, Path], data: Dataset, token: str, 
             url = create_db(admin, dbname)
             proc = start(trees[name], name, url, token, logs, args.workers)
             try:
-                wait_http(proc, "/readyz", timeout=900)
+                wait_all_workers_ready(proc, timeout=900)
                 s = session(token)
                 # warm-up: one small batch per worker (first-request costs are not indexing throughput)
                 index_over_http(s, proc.url, api_tickets(data, "WARM-")[:8], in_flight=2, batch=4)
+                workers = children(proc.popen.pid)
+                c0 = cpu_seconds(workers)
                 rates[name].append(round(index_over_http(s, proc.url, tickets, args.in_flight), 1))
+                per_cpu[name].append(round(len(tickets) / max(cpu_seconds(workers) - c0, 1e-9), 1))
                 loads[name].append(os.getloadavg()[0])
             finally:
                 proc.stop()
                 drop_db(admin, dbname)
-            print(f"indexing round {r} {name}: {rates[name][-1]} tickets/s (load {loads[name][-1]:.1f})", flush=True)
+            print(f"indexing round {r} {name}: {rates[name][-1]} tickets/s, {per_cpu[name][-1]} per worker "
+                  f"CPU-second (load {loads[name][-1]:.1f})", flush=True)
     return {"tickets": len(tickets), "batch": 64, "in_flight": args.in_flight,
             "tickets_per_s": rates, "median_tickets_per_s": {k: statistics.median(v) for k, v in rates.items()},
+            # tickets per CPU-second of the service's workers (PostgreSQL not counted): what two idle cores
+            # would give is about twice this, less PostgreSQL's share
+            "tickets_per_worker_cpu_s": per_cpu,
+            "median_tickets_per_worker_cpu_s": {k: statistics.median(v) for k, v in per_cpu.items()},
             "load_average_1m": loads}
 
 
@@ -285,7 +318,7 @@ def query_side_by_side(admin: str, trees: dict[str, Path], names: dict[str, str]
                 conn.execute("UPDATE dedupe.tickets SET embedder = %s", (names[name],))
             t0 = time.perf_counter()
             procs[name] = start(tree, name, url, token, logs, args.workers)
-            wait_http(procs[name], "/readyz", timeout=1800)
+            wait_all_workers_ready(procs[name], timeout=1800)
             out["startup_to_ready_s"][name] = round(time.perf_counter() - t0, 1)
             print(f"{name}: ready in {out['startup_to_ready_s'][name]} s", flush=True)
         sessions = {k: session(token) for k in procs}
@@ -297,6 +330,8 @@ def query_side_by_side(admin: str, trees: dict[str, Path], names: dict[str, str]
                                     timeout=120).raise_for_status()
         lat: dict[str, list[float]] = {k: [] for k in procs}
         loads = []
+        workers = {name: children(p.popen.pid) for name, p in procs.items()}
+        cpu0 = {name: cpu_seconds(w) for name, w in workers.items()}
         for i, k in enumerate(qkeys):
             t = data.by_key[k]
             body = {"ticket": {"summary": t["summary"], "description": t["description"], "created": t["created"]},
@@ -308,6 +343,8 @@ def query_side_by_side(admin: str, trees: dict[str, Path], names: dict[str, str]
                 r.raise_for_status()
             if i % 20 == 0:
                 loads.append(os.getloadavg()[0])
+        out["worker_cpu_ms_per_query"] = {name: round((cpu_seconds(w) - cpu0[name]) * 1000 / len(qkeys), 1)
+                                          for name, w in workers.items()}
         for name, p in procs.items():
             out["tickets_indexed"][name] = sessions[name].get(p.url + "/v1/index", timeout=60).json()["tickets"]
             out["worker_rss_mb"][name] = [round(rss_mb(c), 1) for c in children(p.popen.pid)]

@@ -239,7 +239,8 @@ class OnnxMiniLMEmbedder:
                 model_file.unlink(missing_ok=True)  # a damaged cache file: export again, once
                 self._session = ort.InferenceSession(str(onnx_model_file(self.options, path)), so,
                                                      providers=["CPUExecutionProvider"])
-            self._dim = int(self._session.get_outputs()[0].shape[-1] or 0) or int(self._run([[101, 102]]).shape[1])
+            width = self._session.get_outputs()[0].shape[-1]  # 384, or a symbolic name in another export
+            self._dim = width if isinstance(width, int) else int(self._run([[101, 102]]).shape[1])
         except Exception as exc:  # any failure to load is the same fact for callers: no model
             raise EmbedderUnavailable(f"cannot load the embedding model: {type(exc).__name__}: {exc}") from exc
         log.info("embedding model loaded", extra={"embedder": self.name,
