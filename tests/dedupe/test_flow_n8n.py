@@ -197,6 +197,10 @@ def test_a_duplicate_gets_one_comment_and_one_duplicate_link_even_when_redeliver
     assert f"{new} appears to duplicate {old}" in text and "why: text similarity" in text
     assert re.search(rf"1\. {old} \(score \d\.\d{{3}}, confidence \d\.\d\d, Open\)", text), text
     assert comment["payload"]["internal"] is True
+    # Both wait for a human: guardrails queued each for the shared approval-request workflow (as triage's are).
+    queued = _sql(services.database_url, "SELECT payload->>'action_id' FROM guardrails.notify_outbox "
+                                         "WHERE kind = 'approval_request'")
+    assert sorted(q[0] for q in queued) == sorted(a["id"] for a in actions)
     # The new defect is in the index now: the next report can find it.
     assert _sql(services.database_url, "SELECT count(*) FROM dedupe.tickets WHERE key = %s", new) == [(1,)]
 
