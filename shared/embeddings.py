@@ -211,7 +211,6 @@ class OnnxMiniLMEmbedder:
 
     def __init__(self, options: MiniLMOptions | None = None) -> None:
         self.options = options or MiniLMOptions(backend="onnx")
-        self._lock = threading.Lock()
         # One core per worker: the tokenizer's own thread pool would only fight the model for it.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         t0 = time.perf_counter()
@@ -275,10 +274,11 @@ class OnnxMiniLMEmbedder:
             seqs = [e.ids for e in self._tokenizer.encode_batch(list(texts))]
             order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
             bs = max(1, self.options.batch_size)
-            with self._lock:
-                for i in range(0, len(order), bs):
-                    idx = order[i:i + bs]
-                    out[idx] = self._run([seqs[j] for j in idx])
+            # No lock: ONNX Runtime sessions are thread-safe and release the GIL, so two requests in one
+            # worker (keep-alive connections need not spread evenly over workers) use two cores.
+            for i in range(0, len(order), bs):
+                idx = order[i:i + bs]
+                out[idx] = self._run([seqs[j] for j in idx])
         except Exception as exc:
             raise EmbedderUnavailable(f"embedding failed: {type(exc).__name__}: {exc}") from exc
         return out

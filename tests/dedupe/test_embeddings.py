@@ -64,3 +64,12 @@ def test_missing_model_or_unknown_backend_is_unavailable(tmp_path: Path) -> None
         OnnxMiniLMEmbedder(MiniLMOptions(backend="onnx", model_path=str(tmp_path / "nope"), cache_dir=str(tmp_path)))
     with pytest.raises(EmbedderUnavailable, match="unknown embedding backend"):
         make_embedder(MiniLMOptions(backend="tensorflow"))
+
+
+def test_concurrent_calls_give_the_same_vectors(onnx: OnnxMiniLMEmbedder) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    sequential = [onnx.embed([t])[0] for t in TEXTS * 3]
+    with ThreadPoolExecutor(4) as pool:  # no lock around the session: requests in one worker run side by side
+        parallel = list(pool.map(lambda t: onnx.embed([t])[0], TEXTS * 3))
+    assert all(np.array_equal(a, b) for a, b in zip(sequential, parallel))
