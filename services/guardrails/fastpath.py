@@ -50,7 +50,7 @@ class EnvironHeaders(Mapping[str, str]):
         key = name.upper().replace("-", "_")
         return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
 
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, name: str, default: Any = None) -> Any:
         value = self._env.get(self._key(name))
         return default if value is None else value
 
