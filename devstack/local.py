@@ -300,6 +300,7 @@ def up(env: Mapping[str, str] | None = None) -> int:
         if env.get("METIS_DEMO", "1") != "0":
             step("demo data")
             loaded = demo.load(urls=urls, externals=externals, ops_token=caller_tokens["ops"])
+            loaded.append(demo.wire_jira_webhooks(emu_urls["jira"], cfg.url))
     except BaseException:
         for proc in reversed(started):
             proc.stop()
