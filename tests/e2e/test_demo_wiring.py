@@ -20,6 +20,13 @@ def test_the_jira_flows_it_wires_exist_as_workflow_webhooks():
 
 
 def test_a_ticket_created_in_jira_is_triaged_and_checked_for_duplicates(stack, emu):
+    try:
+        _create_and_follow(stack, emu)
+    finally:  # tests that use the session's emulators without resetting them must not feed n8n
+        requests.delete(emu.jira_url + "/_emulator/jira/webhooks", timeout=10).raise_for_status()
+
+
+def _create_and_follow(stack: Any, emu: Any) -> None:
     services, n8n = stack.services, stack.n8n
     line = demo.wire_jira_webhooks(emu.jira_url, n8n.url)
     assert "/webhook/metis-triage-jira" in line and "/webhook/metis-dedupe-jira" in line
