@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import anthropic
@@ -340,7 +341,13 @@ def test_scripted_400_is_not_retried(emu: Emulators) -> None:
 def test_slow_reply_times_out_the_client(emu: Emulators) -> None:
     emu.script_anthropic([{"delay_seconds": 0.5, "text": "late"}])
     with pytest.raises(anthropic.APITimeoutError):
-        client(emu, timeout=0.1).messages.create(model=SONNET, max_tokens=20, messages=[{"role": "user", "content": "x"}])
+        client(emu, timeout=0.1).messages.create(model=SONNET, max_tokens=20, messages=[{"role": "user", "content": "late"}])
+    # The emulator still finishes the abandoned request (and records it) after its delay; wait for that, so it
+    # cannot land in the next test's recording.
+    deadline = time.monotonic() + 10
+    while not emu.anthropic_requests("/v1/messages") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["body"]["messages"][0]["content"] for r in emu.anthropic_requests("/v1/messages")] == ["late"]
 
 
 def test_streaming_reports_the_same_usage(emu: Emulators) -> None:
