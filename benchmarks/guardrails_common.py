@@ -66,6 +66,26 @@ def baseline_tree(ref: str) -> Path:
     return out
 
 
+def start_emulator(tmp: Path, key: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The emulators as one process on free ports (log in tmp/emulator.log); returns it and the Anthropic URL.
+    If it does not come up within 20 s it is stopped and its log raised."""
+    ready = tmp / "ready.json"
+    argv = [sys.executable, "-m", "emulators", "--host", "127.0.0.1", "--ready-file", str(ready),
+            "--anthropic-key", key]
+    for svc in ("anthropic", "jira", "slack", "smtp", "mail", "confluence", "salesforce"):
+        argv += [f"--{svc}-port", "0"]
+    emu = subprocess.Popen(argv, cwd=ROOT, stdout=open(tmp / "emulator.log", "ab"), stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        if emu.poll() is not None or time.monotonic() > deadline:
+            emu.terminate()
+            emu.wait(10)
+            raise RuntimeError((tmp / "emulator.log").read_text())
+        time.sleep(0.05)
+    return emu, json.loads(ready.read_text())["anthropic"]
+
+
 @contextmanager
 def stack(policy_overrides: dict[str, Any], *, workers: int = 2, threads: int = 8,
           extra_env: dict[str, str] | None = None, code_root: Path = ROOT) -> Iterator[Stack]:
@@ -79,21 +99,9 @@ def stack(policy_overrides: dict[str, Any], *, workers: int = 2, threads: int = 
     tmp = Path(tempfile.mkdtemp(prefix="metis-bench-"))
     failed = True
     key = "sk-ant-bench-" + secrets.token_hex(16)
-    ready = tmp / "ready.json"
-    argv = [sys.executable, "-m", "emulators", "--host", "127.0.0.1", "--ready-file", str(ready),
-            "--anthropic-key", key]
-    for svc in ("anthropic", "jira", "slack", "smtp", "mail", "confluence", "salesforce"):
-        argv += [f"--{svc}-port", "0"]
-    emu = subprocess.Popen(argv, cwd=ROOT, stdout=open(tmp / "emulator.log", "ab"), stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    emu, anthropic_url = start_emulator(tmp, key)
     proc = None
     try:
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            if emu.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp / "emulator.log").read_text())
-            time.sleep(0.05)
-        anthropic_url = json.loads(ready.read_text())["anthropic"]
         cfg = write_policy(tmp / "config", policy_overrides)
         env = {**os.environ, "DATABASE_URL": url, "METIS_CONFIG_DIR": str(cfg), "METIS_ANTHROPIC_URL": anthropic_url,
                "ANTHROPIC_API_KEY": key, "METIS_THREADS": str(threads), "METIS_LOG_LEVEL": "WARNING",

@@ -141,7 +141,8 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from guardrails_common import ADMIN_URL, TOKENS, baseline_tree, save, write_policy  # noqa: PLC0415
+    from guardrails_common import (ADMIN_URL, TOKENS, baseline_tree, save, start_emulator,  # noqa: PLC0415
+                                   write_policy)
     from guardrails_overhead import POLICY  # noqa: PLC0415
 
     import psycopg  # noqa: PLC0415
@@ -157,22 +158,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="metis-cpu-"))
     atexit.register(shutil.rmtree, tmp, True)
     key = "sk-ant-bench-" + uuid.uuid4().hex
-    ready = tmp / "ready.json"
-    argv = [sys.executable, "-m", "emulators", "--host", "127.0.0.1", "--ready-file", str(ready),
-            "--anthropic-key", key]
-    for svc in ("anthropic", "jira", "slack", "smtp", "mail", "confluence", "salesforce"):
-        argv += [f"--{svc}-port", "0"]
-    emu = subprocess.Popen(argv, cwd=ROOT, stdout=open(tmp / "emulator.log", "ab"), stderr=subprocess.STDOUT,
-                           start_new_session=True)
+    emu, anthropic_url = start_emulator(tmp, key)
     dbs: list[str] = []
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
-        deadline = time.monotonic() + 20
-        while not ready.exists():
-            if emu.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((tmp / "emulator.log").read_text())
-            time.sleep(0.05)
-        anthropic_url = json.loads(ready.read_text())["anthropic"]
         cfg = write_policy(tmp / "config", POLICY)
         for v, root in trees.items():
             name = f"metis_cpu_{uuid.uuid4().hex[:8]}"

@@ -3,6 +3,7 @@ duplicate check → proposals through guardrails → (approval) → Jira; plus t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from devstack.stack import service_env
 from shared.connectors.adf import adf_to_text
 from tests.conftest import TEST_TOKENS
 from tests.fixtures.n8n import start_n8n
+from tests.fixtures.waiting import wait_until
 
 HOOK = "metis-dedupe-jira"
 WORKFLOW = "metisDedupeJira1"
@@ -108,15 +110,7 @@ def llm_flow(llm_site: Any) -> Iterator[Any]:
     _quiet(llm_site.n8n)
 
 
-def _wait(predicate: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
+_wait = functools.partial(wait_until, timeout=60.0)
 
 
 def _sql(database_url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:

@@ -2,13 +2,14 @@
 the webhook flow, never the same ticket twice (shared claims with the webhook flow)."""
 from __future__ import annotations
 
-import time
+import functools
 from typing import Any
 
 import psycopg
 import pytest
 
 from tests.conftest import auth
+from tests.fixtures.waiting import wait_until
 
 from .conftest import answered, delta
 
@@ -30,15 +31,7 @@ def _results(database_url: str) -> list[str]:
         return [r[0] for r in conn.execute("SELECT ticket_key FROM triage.results ORDER BY id").fetchall()]
 
 
-def _wait(predicate: Any, timeout: float = 45.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
+_wait = functools.partial(wait_until, timeout=45.0)
 
 
 def test_poll_triages_new_tickets_once(stack, emu) -> None:

@@ -1,6 +1,7 @@
 """The triage webhook flow in real n8n: Jira emulator → signed webhook → n8n → triage intake → run → triage."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -9,6 +10,8 @@ from typing import Any
 
 import psycopg
 import pytest
+
+from tests.fixtures.waiting import wait_until
 
 from .conftest import answered, delta, seed_history
 
@@ -33,15 +36,7 @@ def _results(database_url: str) -> list[tuple[str, str]]:
         return conn.execute("SELECT ticket_key, run_id FROM triage.results ORDER BY id").fetchall()
 
 
-def _wait(predicate: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
+_wait = functools.partial(wait_until, timeout=30.0)
 
 
 def test_forged_webhook_is_rejected_and_nothing_runs(stack, emu) -> None:
