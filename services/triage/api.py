@@ -80,21 +80,12 @@ def _finish_submission(run_id: str, ticket_key: str, stored: dict[str, Any], *, 
     submission = stored.get("submission")
     if submission is None:
         try:
+            # Refusals for good are recorded per proposal inside; only a transient failure arrives here.
             submission = service.submit(response, engine().guardrails)
         except GuardrailsError as exc:
-            # A reused idempotency key with a different write is a conflict that no retry resolves.
-            permanent_conflict = (exc.status == 409 and isinstance(exc.body, dict)
-                                  and exc.body.get("code") == "idempotency_key_reused")
-            if exc.status is not None and 400 <= exc.status < 500 and (
-                    exc.status not in (404, 408, 409, 429) or permanent_conflict):
-                # Guardrails refused the proposal itself (e.g. invalid payload): record it, never loop.
-                code = exc.body.get("code") if isinstance(exc.body, dict) else None
-                submission = {"actions": [], "escalation": None, "error": str(exc), "status": exc.status,
-                              "code": code}
-            else:
-                raise Unavailable(f"guardrails did not take the proposals: {exc}; retry the call "
-                                  "(the stored triage is reused, the model is not called again)",
-                                  code="guardrails_unavailable") from exc
+            raise Unavailable(f"guardrails did not take the proposals: {exc}; retry the call "
+                              "(the stored triage is reused, the model is not called again)",
+                              code="guardrails_unavailable") from exc
         with transaction(ctx().pool) as conn:
             repo.set_submission(conn, run_id=run_id, ticket_key=ticket_key, submission=submission)
             repo.complete_claim(conn, issue_key=ticket_key, run_id=run_id)

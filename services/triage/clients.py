@@ -10,20 +10,11 @@ import requests
 from shared import guardrails_client as gc
 from shared.settings import Secret
 
-from .service import BudgetDenied, LlmUnavailable, MessagesCreate, RetrievalError, Ticket
+from .service import BudgetDenied, GuardrailsError, LlmUnavailable, MessagesCreate, RetrievalError, Ticket
 
 log = logging.getLogger(__name__)
 
 COST_HEADER = "X-Metis-Cost-USD"
-
-
-class GuardrailsError(Exception):
-    """Guardrails refused or failed a proposal / escalation (status and problem body attached)."""
-
-    def __init__(self, message: str, *, status: int | None = None, body: Any = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
 
 
 class DedupeClient:

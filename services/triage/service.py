@@ -711,20 +711,69 @@ def outcome_as_dict(o: TriageOutcome) -> dict[str, Any]:
     }
 
 
+class GuardrailsError(Exception):
+    """Guardrails refused or failed a proposal / escalation (status and problem body attached)."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+    @property
+    def code(self) -> str | None:
+        return self.body.get("code") if isinstance(self.body, dict) else None
+
+    @property
+    def permanent(self) -> bool:
+        """Guardrails refused this request itself (invalid, forbidden, a reused idempotency key): no retry of
+        the same request can succeed. 404 / 408 / 429 and other 409s may pass later; 5xx and no answer too."""
+        if self.status is None or not 400 <= self.status < 500:
+            return False
+        return self.status not in (404, 408, 409, 429) or self.code == "idempotency_key_reused"
+
+
+def _refused(exc: GuardrailsError) -> dict[str, Any]:
+    return {"status": "refused", "http_status": exc.status, "code": exc.code, "error": str(exc)}
+
+
 def submit(response: Mapping[str, Any], guardrails: Any) -> dict[str, Any]:
-    """Send the stored proposals (or the escalation) to guardrails; idempotency keys make a resend safe."""
+    """Send the stored proposals (or the escalation) to guardrails; idempotency keys make a resend safe.
+
+    Each proposal stands alone: one that guardrails refuses for good (a reused idempotency key, an invalid
+    payload) is recorded as `refused` with guardrails' code and the others are still proposed. A transient
+    failure raises, and the caller retries the whole submission (accepted proposals replay by their keys).
+    The first refusal is also summarised at the top (`status`, `code`, `error`) for the run's outcome.
+    """
     actions: list[dict[str, Any]] = []
+    refusals: list[dict[str, Any]] = []
     for p in response.get("proposals") or []:
-        answer = guardrails.propose(dict(p))
-        actions.append({"connector": p["connector"], "operation": p["operation"], "target": p["target"],
-                        "idempotency_key": p["idempotency_key"], **{k: answer.get(k) for k in (
-                            "id", "status", "approval_id", "rule", "mode", "policy_reason", "expires_at")
-                            if k in answer}})
+        head = {"connector": p["connector"], "operation": p["operation"], "target": p["target"],
+                "idempotency_key": p["idempotency_key"]}
+        try:
+            answer = guardrails.propose(dict(p))
+        except GuardrailsError as exc:
+            if not exc.permanent:
+                raise
+            refusals.append(_refused(exc))
+            actions.append({**head, **refusals[-1]})
+            continue
+        actions.append({**head, **{k: answer.get(k) for k in (
+            "id", "status", "approval_id", "rule", "mode", "policy_reason", "expires_at") if k in answer}})
     escalation = None
     if response.get("escalation"):
-        answer = guardrails.escalate(dict(response["escalation"]))
-        escalation = {k: answer.get(k) for k in ("id", "status", "subject") if k in answer}
-    return {"actions": actions, "escalation": escalation}
+        try:
+            answer = guardrails.escalate(dict(response["escalation"]))
+            escalation = {k: answer.get(k) for k in ("id", "status", "subject") if k in answer}
+        except GuardrailsError as exc:
+            if not exc.permanent:
+                raise
+            refusals.append(_refused(exc))
+            escalation = dict(refusals[-1])
+    out: dict[str, Any] = {"actions": actions, "escalation": escalation}
+    if refusals:
+        first = refusals[0]
+        out.update(status=first["http_status"], code=first["code"], error=first["error"])
+    return out
 
 
 # --------------------------------------------------------------------------- intake (webhooks and polling)

@@ -82,7 +82,8 @@ def test_signed_webhook_opens_one_run_and_proposes_once_even_when_redelivered(st
 
 def test_a_reused_idempotency_key_through_the_flow_is_recorded_not_retried(stack, emu) -> None:
     """The ticket's comment key (`triage:<KEY>:add_comment`) already names a different write at guardrails: the
-    409 is recorded in the run's outcome, triage is called once, guardrails is asked once, the run succeeds."""
+    409 is recorded on the comment in the run's outcome, the labels still go through, triage is called once,
+    guardrails is asked once per proposal, the run succeeds."""
     n8n, services = stack.n8n, stack.services
     seed_history(services)
     emu.jira_register_webhook(f"{n8n.url}/webhook/{HOOK}", events=["jira:issue_created"])
@@ -103,11 +104,15 @@ def test_a_reused_idempotency_key_through_the_flow_is_recorded_not_retried(stack
     assert r.status_code == 202, r.text
     run = _wait(lambda: [x for x in _runs(services, f"jira-issue:{issue['id']}") if x["status"] != "open"])[0]
     assert run["status"] == "succeeded" and run["outcome"]["refused"] == "idempotency_key_reused", run
-    assert run["outcome"]["actions"] == []
-    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), actions_before) == {"409": 1}
+    # The comment is refused; the labels, independent of it, are still proposed (allowlisted) and written.
+    assert [(a["operation"], a["status"], a.get("code")) for a in run["outcome"]["actions"]] == \
+        [("add_comment", "refused", "idempotency_key_reused"), ("add_labels", "executed", None)]
+    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), actions_before) == {"409": 1, "201": 1}
     assert delta(answered(services, "triage", "POST", "/v1/triage"), triage_before) == {"200": 1}
     listed = services.get("guardrails", f"/v1/actions?target={key}", caller="ops").json()
-    assert [a["id"] for a in listed] == [earlier.json()["id"]]
+    assert sorted((a["operation"], a["id"]) for a in listed) == sorted(
+        [("add_comment", earlier.json()["id"]), ("add_labels", run["outcome"]["actions"][1]["id"])])
+    assert "category-leave" in emu.jira_state()["issues"][key]["fields"]["labels"]
     assert emu.jira_state()["comments"][key] == []
 
 

@@ -150,8 +150,9 @@ def test_an_adversarial_ticket_is_escalated_and_nothing_is_proposed(services, tr
 
 def test_a_reused_idempotency_key_is_recorded_once_and_never_retried(services, triage_llm, emu) -> None:
     """guardrails answers 409 idempotency_key_reused when triage's key for a ticket (`triage:<KEY>:add_comment`)
-    already names a different write: triage records it (200, not a 503 that n8n would retry) and a retry of the
-    call replays the record without asking guardrails or the model again."""
+    already names a different write: triage records that refusal on the comment (200, not a 503 that n8n would
+    retry), still proposes the labels, and a retry of the call replays the record without asking guardrails or
+    the model again."""
     from .conftest import answered, delta
 
     key = emu.jira_seed([{"project": "SUP", "summary": "Kiosk punches one hour late", "issuetype": "Bug"}])[0]
@@ -168,17 +169,27 @@ def test_a_reused_idempotency_key_is_recorded_once_and_never_retried(services, t
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["submission"]["status"], body["submission"]["code"]) == (409, "idempotency_key_reused")
-    assert body["submission"]["actions"] == [] and f"triage:{key}:add_comment" in body["submission"]["error"]
+    assert f"triage:{key}:add_comment" in body["submission"]["error"]
     assert body["replayed"] is False and [p["operation"] for p in body["proposals"]] == ["add_comment", "add_labels"]
-    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), before) == {"409": 1}
+    comment, labels = body["submission"]["actions"]
+    assert (comment["operation"], comment["status"], comment["http_status"], comment["code"]) == \
+        ("add_comment", "refused", 409, "idempotency_key_reused")
+    assert "id" not in comment and f"triage:{key}:add_comment" in comment["error"]
+    # The refused comment does not take the labels down with it: they are proposed (allowlisted) and written.
+    assert labels["operation"] == "add_labels" and labels["rule"] == "triage-labels" and labels["id"]
+    written = emu.wait_for(lambda: emu.jira_state()["issues"][key]["fields"]["labels"],
+                           lambda lbs: "metis-triaged" in lbs)
+    assert "category-timesheets" in written
+    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), before) == {"409": 1, "201": 1}
     # n8n's retry of the same call: the stored record, no second proposal, no second model call.
     again = call(triage_llm, {"run_id": run_id, "ticket": ticket})
     assert again.status_code == 200 and again.json()["replayed"] is True
     assert again.json()["submission"] == body["submission"]
-    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), before) == {"409": 1}
+    assert delta(answered(services, "guardrails", "POST", "/v1/actions"), before) == {"409": 1, "201": 1}
     assert len(emu.anthropic_requests("/v1/messages")) == 1
-    # guardrails holds only the earlier write under the key; nothing reached Jira for this run.
-    assert services.get("guardrails", f"/v1/actions?run_id={run_id}", caller="ops").json() == []
+    # guardrails holds the earlier comment under the key and this run's labels; no comment reached Jira.
+    assert [a["operation"] for a in services.get("guardrails", f"/v1/actions?run_id={run_id}",
+                                                 caller="ops").json()] == ["add_labels"]
     listed = services.get("guardrails", f"/v1/actions?target={key}", caller="ops").json()
-    assert [a["id"] for a in listed] == [earlier.json()["id"]]
+    assert sorted(a["id"] for a in listed) == sorted([earlier.json()["id"], labels["id"]])
     assert emu.jira_state()["comments"][key] == []
