@@ -250,7 +250,7 @@ def reservations_open_summary(conn: psycopg.Connection[Any]) -> Row:
     row = conn.execute("SELECT count(*) AS n, coalesce(sum(amount_micros), 0) AS micros "
                        "FROM guardrails.reservations WHERE state = 'open'").fetchone()
     assert row is not None
-    return row
+    return dict(row)
 
 
 # ------------------------------------------------------------------ heartbeats

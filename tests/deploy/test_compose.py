@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (ROOT / "docker-compose.yml").read_text()
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
 SERVICES: dict[str, Any] = COMPOSE["services"]
-REFERENCE = re.compile(r"^\$\{([A-Z][A-Z0-9_]*)(:\?[^}]*|:-)?\}$")  # ${VAR}, ${VAR:?msg} or ${VAR:-} (empty default)
+# ${VAR}, ${VAR:?msg}, ${VAR:-} (empty default) or a default that is one of compose's own n8n webhooks
+REFERENCE = re.compile(r"^\$\{([A-Z][A-Z0-9_]*)(:\?[^}]*|:-|:-http://n8n:5678/webhook/[a-z0-9-]+)?\}$")
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ENCRYPTION_KEY|DATABASE_URL|WEBHOOK_URL")
 
 
@@ -88,6 +90,18 @@ def test_nothing_secret_is_inline():
     for pattern in (r"sk-ant-", r"xox[abpr]-", r"hooks\.slack\.com/services/", r"://[^$/\s:@]+:[^$/\s@]+@",
                     r"-----BEGIN"):
         assert not re.search(pattern, COMPOSE_TEXT), pattern
+
+
+def test_approvals_and_escalations_reach_composes_own_n8n_by_default():
+    """With .env's empty values, guardrails hands pending actions and escalations to the n8n workflows that
+    ask people (an unset URL would let every proposal expire unseen)."""
+    paths = {n["parameters"].get("path") for f in (ROOT / "n8n" / "workflows").glob("*.json")
+             for n in json.loads(f.read_text())["nodes"] if n["type"] == "n8n-nodes-base.webhook"}
+    env = SERVICES["guardrails"]["environment"]
+    for key in ("METIS_APPROVAL_WEBHOOK_URL", "METIS_ESCALATION_WEBHOOK_URL"):
+        default = REFERENCE.match(env[key]).group(2)  # type: ignore[union-attr]
+        assert default and default.startswith(":-http://n8n:5678/webhook/"), (key, env[key])
+        assert default.rsplit("/", 1)[1] in paths, f"{key}: no workflow listens on {default}"
 
 
 def test_env_example_documents_every_variable_without_values():
