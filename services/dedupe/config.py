@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from shared.embeddings import MiniLMOptions
+from shared.embeddings import MiniLMOptions, minilm_name
 
 from .lexical import Bm25Params
 from .verdict import FEATURES, VerdictModel
@@ -33,6 +33,8 @@ class VerdictConfig:
     duplicate: float = 0.9
     possible: float = 0.1
     model: VerdictModel = field(default_factory=VerdictModel)
+    # The embedder the model was fitted with (its cosines are the model's main input); None: not recorded.
+    embedder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,13 @@ def load_config(config_dir: str | Path) -> DedupeConfig:
     llm, _ = _section(raw, "llm", LlmConfig, problems)
     if not 0 <= verdict.possible <= verdict.duplicate <= 1:
         problems.append("verdict: need 0 <= possible <= duplicate <= 1 (thresholds on a probability)")
+    if verdict.embedder is not None and not isinstance(verdict.embedder, str):
+        problems.append(f"verdict.embedder: expected the embedder's name, got {verdict.embedder!r}")
+    elif verdict.embedder is not None and verdict.embedder != minilm_name(embedding):
+        # Another window, backend or precision moves every cosine: the old weights would misjudge silently.
+        problems.append(f"verdict.embedder: the verdict model was fitted with {verdict.embedder}, but the "
+                        f"embedding settings give {minilm_name(embedding)}; refit it (`metis dedupe evaluate "
+                        "--calibrate`) and paste its verdict section, or set embedding back")
     similar = raw.get("similar") or {}
     exclude = similar.get("exclude_resolutions", []) if isinstance(similar, dict) else None
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):

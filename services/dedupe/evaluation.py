@@ -134,6 +134,12 @@ class Client:
             raise RuntimeError(f"POST {path} → {r.status_code}: {r.text[:500]}")
         return r.json()  # type: ignore[no-any-return]
 
+    def get(self, path: str) -> dict[str, Any]:
+        r = self.session.get(self.base_url + path, timeout=60)
+        if r.status_code >= 400:
+            raise RuntimeError(f"GET {path} → {r.status_code}: {r.text[:500]}")
+        return r.json()  # type: ignore[no-any-return]
+
     def delete(self, path: str) -> None:
         self.session.delete(self.base_url + path, timeout=60)
 
@@ -308,7 +314,7 @@ def latency_summary(results: list[QueryResult]) -> dict[str, float]:
 
 
 def report(index_stats: dict[str, float], results: list[QueryResult],
-           calibrated: dict[str, float] | None = None) -> dict[str, Any]:
+           calibrated: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the command prints, as one JSON-able dict."""
     out: dict[str, Any] = {"indexing": index_stats, "latency": latency_summary(results), "ranking": {},
                            "verdict": {}, "results": [r.__dict__ for r in results]}
@@ -359,6 +365,8 @@ def markdown(rep: dict[str, Any]) -> str:
         lines.append("  weights: {" + ", ".join(f"{k}: {v}" for k, v in c["weights"].items()) + "}")
         lines.append(f"  duplicate: {c['duplicate']}")
         lines.append(f"  possible: {c['possible']}")
+        if c.get("embedder"):
+            lines.append(f"  embedder: {c['embedder']}")
         lines.append("```")
         lines.append("")
         lines.append("| split (calibrated model) | dup said | correct | on no-dup | precision all reports | "

@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 
 from services.dedupe.cli import run_evaluation
+from services.dedupe.config import load_config
 from services.dedupe.evaluation import DEFAULT_FEATURES, load_dataset
 from services.dedupe.verdict import FEATURES
+from shared.embeddings import minilm_name
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.xdist_group("dedupe")
 
@@ -78,6 +82,8 @@ def test_evaluation_through_gunicorn(tmp_path: Path, database_url: str) -> None:
     # The verdict model's inputs came back through the HTTP API for every query, and the model was fitted on them.
     assert all(set(r["features"]) == set(FEATURES) for r in rep["results"])
     assert set(rep["calibrated_on_dev"]["weights"]) == set(DEFAULT_FEATURES)
+    # The fitted weights name the vectors they were fitted on, as the service reports them (verdict.embedder).
+    assert rep["calibrated_on_dev"]["embedder"] == minilm_name(load_config(ROOT / "config").embedding)
     for split in ("dev", "test"):
         m = rep["verdict_with_calibrated"][split]
         assert m["dup_correct"] <= m["dup_said"] <= m["possible_or_dup_said"]

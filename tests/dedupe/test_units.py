@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from services.dedupe.verdict import (FEATURES, Evidence, VerdictModel, decide, f
                                      summary_versions)
 from services.dedupe.lexical import Bm25Params, LexicalIndex
 from services.dedupe.text import clean, for_embedding, tokens
-from shared.embeddings import content_hash
+from shared.embeddings import MiniLMEmbedder, MiniLMOptions, OnnxMiniLMEmbedder, content_hash, minilm_name
 
 
 def test_clean_removes_controls_and_lone_surrogates() -> None:
@@ -176,3 +177,35 @@ def test_config_verdict_model_is_validated(tmp_path: Path) -> None:
     (tmp_path / "dedupe.yaml").write_text("verdict: {intercept: 1, duplicate: 0.9, possible: 0.05}\n")
     with pytest.raises(ConfigError, match="verdict.weights"):
         load_config(tmp_path)
+
+
+def test_a_verdict_model_fitted_with_another_embedder_is_refused(tmp_path: Path) -> None:
+    """Changing the embedding window, backend or precision moves every cosine the verdict model reads: the
+    service must not start with weights fitted on other vectors (it would misjudge without a word)."""
+    verdict = "verdict: {intercept: -7, weights: {cosine: 4}, duplicate: 1.0, possible: 0.05, embedder: %s}\n"
+    (tmp_path / "dedupe.yaml").write_text("embedding: {backend: onnx, max_tokens: 96}\n"
+                                          + verdict % "all-MiniLM-L6-v2/96/onnx-int8")
+    assert load_config(tmp_path).verdict.embedder == "all-MiniLM-L6-v2/96/onnx-int8"
+    for embedding in ("{backend: onnx, max_tokens: 128}", "{backend: torch, max_tokens: 96}",
+                      "{backend: onnx, max_tokens: 96, quantize: false}"):
+        (tmp_path / "dedupe.yaml").write_text(f"embedding: {embedding}\n" + verdict % "all-MiniLM-L6-v2/96/onnx-int8")
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path)
+        assert "verdict.embedder" in str(err.value) and "all-MiniLM-L6-v2/96/onnx-int8" in str(err.value)
+        assert "metis dedupe evaluate --calibrate" in str(err.value)
+    (tmp_path / "dedupe.yaml").write_text("embedding: {max_tokens: 96}\n" + verdict % "[1, 2]")
+    with pytest.raises(ConfigError, match="verdict.embedder"):
+        load_config(tmp_path)
+    # The shipped configuration records the embedder it was fitted with, and it is the one configured.
+    shipped = load_config(Path(__file__).resolve().parents[2] / "config")
+    assert shipped.verdict.embedder == minilm_name(shipped.embedding)
+
+
+def test_embedders_are_named_as_their_options_say() -> None:
+    """The name the config check compares is the name stored with every vector."""
+    for backend, quantize in (("onnx", True), ("onnx", False), ("torch", True), ("torch", False)):
+        o = MiniLMOptions(backend=backend, quantize=quantize, max_tokens=64)
+        cls = OnnxMiniLMEmbedder if backend == "onnx" else MiniLMEmbedder
+        assert cls.name.fget(SimpleNamespace(options=o)) == minilm_name(o)  # type: ignore[attr-defined]
+    assert minilm_name(MiniLMOptions(backend="onnx", max_tokens=96)) == "all-MiniLM-L6-v2/96/onnx-int8"
+    assert minilm_name(MiniLMOptions(backend="torch", max_tokens=128, quantize=False)) == "all-MiniLM-L6-v2/128/fp32"
