@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 from tqdm import tqdm
 
 
@@ -69,15 +71,23 @@ def backfill_cmd(jql: str, name: str, page_size: int, restart: bool, client_fiel
 @click.option("--concurrency", default=2, show_default=True, help="Index batches in flight at once.")
 @click.option("--negatives", default=None, type=int, help="Query only this many no-duplicate reports (default all).")
 @click.option("--calibrate", is_flag=True, help="Also derive verdict thresholds from the development split.")
+@click.option("--llm", is_flag=True,
+              help="Verify with the LLM through guardrails, as the n8n flow does: one guardrails run per query (task "
+                   "dedupe); the service started here gets verification on. Needs --guardrails-url, a guardrails "
+                   "token (--guardrails-token-env) and, for the started service, METIS_TOKEN_DEDUPE.")
+@click.option("--guardrails-url", envvar="METIS_GUARDRAILS_URL", default=None, help="With --llm (env METIS_GUARDRAILS_URL).")
+@click.option("--guardrails-token-env", default="METIS_TOKEN_OPS", show_default=True,
+              help="With --llm: env var holding a guardrails bearer token that may open runs.")
 @click.option("--keep", is_flag=True, help="Leave the evaluation tickets in the index.")
 @click.option("--json-out", default=None, type=click.Path(dir_okay=False, path_type=Path))
 def evaluate_cmd(issues_csv: Path, pairs_csv: Path, url: str | None, token_env: str, database_url: str | None,
-                 workers: int, concurrency: int, negatives: int | None, calibrate: bool, keep: bool,
-                 json_out: Path | None) -> None:
+                 workers: int, concurrency: int, negatives: int | None, calibrate: bool, llm: bool,
+                 guardrails_url: str | None, guardrails_token_env: str, keep: bool, json_out: Path | None) -> None:
     """Recall-rate@1/5/10, MAP and verdict precision/recall, time-ordered, through the HTTP API."""
     rep = run_evaluation(issues_csv=issues_csv, pairs_csv=pairs_csv, url=url, token=os.environ.get(token_env),
                          database_url=database_url, workers=workers, concurrency=concurrency,
-                         negatives=negatives, calibrate_=calibrate,
+                         negatives=negatives, calibrate_=calibrate, llm=llm, guardrails_url=guardrails_url,
+                         guardrails_token=os.environ.get(guardrails_token_env),
                          keep=keep, show_progress=True)
     from .evaluation import markdown
 
@@ -90,7 +100,8 @@ def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token:
                    database_url: str | None, workers: int = 1, concurrency: int = 1,
                    negatives: int | None = None,
                    calibrate_: bool = False, keep: bool = False, show_progress: bool = False,
-                   extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+                   extra_env: dict[str, str] | None = None, llm: bool = False, guardrails_url: str | None = None,
+                   guardrails_token: str | None = None, project: str | None = None) -> dict[str, Any]:
     """Start (or reach) the service, index the CSV under a private project, query, report, clean up."""
     try:
         from devstack.processes import free_port, start_service, wait_http
@@ -98,9 +109,15 @@ def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token:
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from devstack.processes import free_port, start_service, wait_http
 
-    from .evaluation import Client, calibrate, index_dataset, load_dataset, report, run_queries
+    from .evaluation import Client, GuardrailsRuns, calibrate, index_dataset, load_dataset, report, run_queries
 
-    project = "EVAL" + secrets.token_hex(3).upper()
+    runs = None
+    if llm:
+        if not guardrails_url or not guardrails_token:
+            raise click.UsageError("--llm needs --guardrails-url (or METIS_GUARDRAILS_URL) and a guardrails token "
+                                   "(--guardrails-token-env)")
+        runs = GuardrailsRuns(guardrails_url, guardrails_token)
+    project = project or "EVAL" + secrets.token_hex(3).upper()
     # Keys carry the run's project so a rerun embeds afresh (honest timing) and never touches real tickets.
     data = load_dataset(issues_csv, pairs_csv, prefix=project)
     proc = None
@@ -111,6 +128,18 @@ def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token:
         token = "eval-" + secrets.token_hex(16)
         tmp = tempfile.TemporaryDirectory(prefix="metis-dedupe-eval-")
         env = {**os.environ, "DATABASE_URL": database_url, "METIS_TOKEN_OPS": token, **(extra_env or {})}
+        if llm:
+            if not env.get("METIS_TOKEN_DEDUPE"):
+                raise click.UsageError("--llm: the started service calls the gateway as caller dedupe; set "
+                                       "METIS_TOKEN_DEDUPE (e.g. from .run/tokens.env), or give --url")
+            # The same configuration with verification switched on, in a directory of the run's own.
+            source = Path(env.get("METIS_CONFIG_DIR") or Path(__file__).resolve().parents[2] / "config")
+            config_dir = Path(tmp.name) / "config"
+            shutil.copytree(source, config_dir)
+            cfg = yaml.safe_load((config_dir / "dedupe.yaml").read_text())
+            cfg.setdefault("llm", {})["enabled"] = True
+            (config_dir / "dedupe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            env.update(METIS_CONFIG_DIR=str(config_dir), METIS_DEDUPE_LLM="on", METIS_GUARDRAILS_URL=str(guardrails_url))
         port = free_port()
         proc = start_service("dedupe", env=env, port=port, log_dir=Path(tmp.name), workers=workers)
         wait_http(proc, "/readyz", timeout=180)
@@ -124,12 +153,12 @@ def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token:
             stats = index_dataset(client, data, project, concurrency=concurrency, progress=bar.update)
         n_q = len(data.queries) + (negatives if negatives is not None else len(data.negatives))
         with tqdm(total=n_q, unit="query", desc="query", disable=not show_progress, file=sys.stderr) as bar:
-            results = run_queries(client, data, project, negatives=negatives, progress=bar.update)
+            results = run_queries(client, data, project, negatives=negatives, progress=bar.update, runs=runs)
         calibrated = None
         if calibrate_:
             # The fitted weights belong to the vectors they were fitted on: record whose (verdict.embedder).
             calibrated = {**calibrate(results), "embedder": client.get("/v1/index")["embedder"]}
-        return report(stats, results, calibrated)
+        return report(stats, results, calibrated, llm=llm, llm_refusals=runs.refusals if runs else None)
     finally:
         if not keep:
             for t in data.tickets:

@@ -97,6 +97,10 @@ class QueryResult:
     latency_ms: float
     features: dict[str, float] = field(default_factory=dict)   # the verdict model's inputs, best candidate
     top_key: str | None = None
+    mode: str = "offline"     # "llm" when the model verified the candidates (the response's mode)
+    named: str | None = None  # the ticket an LLM-confirmed "duplicate" names (not always the best candidate)
+    named_correct: bool | None = None  # whether `named` is a true duplicate (None: no LLM-named ticket)
+    cost_usd: float | None = None      # what guardrails charged the query's run (with --llm)
 
 
 def _api_ticket(t: dict[str, Any]) -> dict[str, Any]:
@@ -168,9 +172,46 @@ def index_dataset(client: Client, data: Dataset, project: str, *, batch: int = 6
             "tickets_per_second": round(len(data.tickets) / dt, 1), "concurrency": concurrency}
 
 
+class GuardrailsRuns:
+    """One guardrails run per query (task `dedupe`, trigger `manual`), so the service may verify with the LLM
+    through the gateway exactly as the n8n flow does; what guardrails charged each run is read back."""
+
+    def __init__(self, base_url: str, token: str, *, task: str = "dedupe") -> None:
+        self.base_url = base_url.rstrip("/")
+        self.task = task
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {token}"
+        self.refusals: dict[str, int] = defaultdict(int)
+
+    def open(self, external_id: str) -> str | None:
+        """A run id, or None when guardrails refuses the run (kill switch, an exhausted cap): counted, and the
+        query then runs without one (offline verdict), so a budget stop never passes for a model's judgement."""
+        r = self.session.post(self.base_url + "/v1/runs", timeout=30, json={
+            "task": self.task, "trigger": "manual", "workflow": "metis dedupe evaluate", "external_id": external_id})
+        if r.status_code == 403:
+            self.refusals[_problem_code(r) or "forbidden"] += 1
+            return None
+        if r.status_code not in (200, 201):
+            raise RuntimeError(f"guardrails POST /v1/runs → {r.status_code}: {r.text[:300]}")
+        return str(r.json()["id"])
+
+    def finish(self, run_id: str, outcome: dict[str, Any]) -> float:
+        """Close the run; what it cost in USD."""
+        r = self.session.post(f"{self.base_url}/v1/runs/{run_id}/finish", timeout=30,
+                              json={"status": "succeeded", "outcome": outcome})
+        if r.status_code >= 400:
+            raise RuntimeError(f"guardrails finish {run_id} → {r.status_code}: {r.text[:300]}")
+        return float((r.json().get("budget") or {}).get("spent_usd") or 0.0)
+
+
 def run_queries(client: Client, data: Dataset, project: str, *, negatives: int | None = None,
-                progress: Callable[[int], None] | None = None) -> list[QueryResult]:
-    """Query every pair's later report (and the negatives) with only earlier reports eligible."""
+                progress: Callable[[int], None] | None = None,
+                runs: GuardrailsRuns | None = None) -> list[QueryResult]:
+    """Query every pair's later report (and the negatives) with only earlier reports eligible.
+
+    With `runs`, each query carries a guardrails run of its own, so a service with LLM verification on asks the
+    model about its "possible" candidates, and the result records the mode and what the run cost.
+    """
     half = len(data.queries) // 2
     split_time = data.by_key[data.queries[half][0]]["_t"] if data.queries else None
     jobs: list[tuple[str, str, set[str]]] = [(k, "dup", rel) for k, rel in data.queries]
@@ -184,15 +225,22 @@ def run_queries(client: Client, data: Dataset, project: str, *, negatives: int |
         t = data.by_key[key]
         body = {"ticket": {**_api_ticket(t), "project": project}, "limit": 100, "created_before": t["created"],
                 "filters": {"project": [project]}}
+        run_id = runs.open(f"eval:{key}") if runs else None
+        if run_id:
+            body["run_id"] = run_id
         t0 = time.perf_counter()
         res = client.post("/v1/duplicates", body)
         ms = (time.perf_counter() - t0) * 1000
+        cost = runs.finish(run_id, {"ticket": key, "verdict": res["verdict"], "mode": res.get("mode")}) \
+            if runs and run_id else None
         keys = [c["key"] for c in res["candidates"]]
         rank = next((i + 1 for i, k in enumerate(keys) if k in rel), None)
         split = "dev" if split_time is None or t["_t"] < split_time else "test"
+        named = (res.get("llm") or {}).get("duplicate_of") if res.get("mode") == "llm" else None
         out.append(QueryResult(key, split, kind, rank, res["verdict"], float(res["confidence"]),
                                bool(keys) and keys[0] in rel, ms, dict(res.get("features") or {}),
-                               keys[0] if keys else None))
+                               keys[0] if keys else None, mode=str(res.get("mode") or "offline"), named=named,
+                               named_correct=(named in rel) if named else None, cost_usd=cost))
         if progress:
             progress(1)
     return out
@@ -210,7 +258,8 @@ def ranking_metrics(results: Iterable[QueryResult]) -> dict[str, float]:
 
 def verdict_metrics(results: Iterable[QueryResult], duplicate: float | None = None,
                     possible: float | None = None) -> dict[str, float]:
-    """Precision / recall of "duplicate" (a hit = the top candidate is a true duplicate) and false-duplicate rates.
+    """Precision / recall of "duplicate" (a hit = the top candidate is a true duplicate, or for an LLM-confirmed
+    "duplicate" the ticket the model named) and false-duplicate rates.
 
     With thresholds given, verdicts are recomputed from the confidences (for calibration); else the service's.
     Precision "all reports" counts every "duplicate" said, on duplicate queries and on reports with none.
@@ -226,9 +275,14 @@ def verdict_metrics(results: Iterable[QueryResult], duplicate: float | None = No
     dups = [r for r in rs if r.kind == "dup"]
     negs = [r for r in rs if r.kind == "neg"]
     out: dict[str, float] = {}
+    def hit(r: QueryResult, level: str) -> bool:
+        if level == "duplicate" and duplicate is None and r.named_correct is not None:
+            return r.named_correct
+        return r.top_correct
+
     for level in ("duplicate", "possible"):
         on_dups = [r for r in dups if said(r, level)]
-        correct = sum(r.top_correct for r in on_dups)
+        correct = sum(hit(r, level) for r in on_dups)
         false_neg = sum(said(r, level) for r in negs)
         name = "dup" if level == "duplicate" else "possible_or_dup"
         out[f"{name}_precision_on_dup_queries"] = round(correct / len(on_dups), 3) if on_dups else float("nan")
@@ -313,11 +367,31 @@ def latency_summary(results: list[QueryResult]) -> dict[str, float]:
             "n": len(lat)}
 
 
+def llm_summary(results: list[QueryResult], refusals: dict[str, int] | None = None) -> dict[str, Any]:
+    """With --llm: how many queries the model verified, what it said, how often it was right, what it cost."""
+    out: dict[str, Any] = {"run_refusals": dict(refusals or {})}
+    for split in ("all", "dev", "test"):
+        rs = [r for r in results if split == "all" or r.split == split]
+        verified = [r for r in rs if r.mode == "llm"]
+        named = [r for r in verified if r.named]
+        costs = sorted(r.cost_usd for r in rs if r.cost_usd)
+        out[split] = {"queries": len(rs), "verified": len(verified), "said_duplicate": len(named),
+                      "named_a_true_duplicate": sum(bool(r.named_correct) for r in named),
+                      "precision_of_llm_duplicates": round(sum(bool(r.named_correct) for r in named) / len(named), 3)
+                      if named else None,
+                      "cost_usd_total": round(sum(costs), 6),
+                      "cost_usd_median_per_charged_query": round(statistics.median(costs), 6) if costs else None}
+    return out
+
+
 def report(index_stats: dict[str, float], results: list[QueryResult],
-           calibrated: dict[str, Any] | None = None) -> dict[str, Any]:
+           calibrated: dict[str, Any] | None = None, *, llm_refusals: dict[str, int] | None = None,
+           llm: bool = False) -> dict[str, Any]:
     """Everything the command prints, as one JSON-able dict."""
     out: dict[str, Any] = {"indexing": index_stats, "latency": latency_summary(results), "ranking": {},
                            "verdict": {}, "results": [r.__dict__ for r in results]}
+    if llm:
+        out["llm"] = llm_summary(results, llm_refusals)
     for split in ("all", "dev", "test"):
         rs = [r for r in results if split == "all" or r.split == split]
         out["ranking"][split] = ranking_metrics(rs)
@@ -349,6 +423,18 @@ def markdown(rep: dict[str, Any]) -> str:
                      f"{m['dup_false_rate_on_no_duplicate']} | {m['dup_precision_all_reports']} | "
                      f"{m['possible_or_dup_recall']} |")
     lines.append("")
+    if "llm" in rep:
+        lines.append("| split (--llm) | verified by the LLM | it said duplicate | named a true duplicate | "
+                     "precision | cost (USD) |")
+        lines.append("|---|---|---|---|---|---|")
+        for split in ("all", "dev", "test"):
+            m = rep["llm"][split]
+            lines.append(f"| {split} | {m['verified']} of {m['queries']} | {m['said_duplicate']} | "
+                         f"{m['named_a_true_duplicate']} | {m['precision_of_llm_duplicates']} | {m['cost_usd_total']} |")
+        if rep["llm"]["run_refusals"]:
+            lines.append(f"runs refused by guardrails (those queries kept the offline verdict): "
+                         f"{rep['llm']['run_refusals']}")
+        lines.append("")
     ix, lat = rep["indexing"], rep["latency"]
     lines.append(f"indexing: {ix['tickets']} tickets in {ix['seconds']} s = {ix['tickets_per_second']} tickets/s "
                  f"over HTTP; query latency p50 {lat.get('p50_ms')} ms, p95 {lat.get('p95_ms')} ms (n={lat.get('n')})")

@@ -90,3 +90,61 @@ def test_budget_denial_leaves_the_offline_verdict(services: Any, dedupe_llm: Pro
     assert body["llm"] is None
     assert emu.anthropic_requests("/v1/messages") == []  # nothing reached the model
     assert services.get("guardrails", f"/v1/runs/{run_id}", caller="ops").json()["budget"]["spent_usd"] == 0
+
+
+def test_evaluation_with_llm_verification_opens_a_run_per_query(services: Any, emu: Any, tmp_path: Path,
+                                                                 database_url: str) -> None:
+    """`metis dedupe evaluate --llm`: the service started for the evaluation verifies through the real gateway,
+    each query in a guardrails run of its own; an LLM-confirmed "duplicate" is scored on the ticket the model
+    named, and what guardrails charged is reported. A refused run leaves that query's offline verdict standing."""
+    from services.dedupe.cli import run_evaluation
+
+    from .test_evaluation import write_dataset
+
+    issues, pairs = write_dataset(tmp_path)
+    project = "EVLLM" + uuid.uuid4().hex[:4].upper()
+    # The first duplicate query is confirmed (naming its true duplicate); every other verification finds none.
+    new_200 = '<ticket role=\\"new\\">\\nkey: ' + f"{project}-200"
+    emu.script_anthropic([
+        {"match": new_200, "tool_input": {"duplicate_of": f"{project}-100", "confidence": 0.93,
+                                          "rationale": "both: NameNode out of memory on block reports"}},
+        {"tool_input": {"duplicate_of": None, "confidence": 0.8, "rationale": "different problems"}, "times": 200},
+    ], replace=True)
+    env = {"METIS_TOKEN_DEDUPE": TEST_TOKENS["dedupe"].get(), "METIS_DB_POOL_MAX": "4"}
+    rep = run_evaluation(issues_csv=issues, pairs_csv=pairs, url=None, token=None, database_url=database_url,
+                         workers=1, extra_env=env, llm=True, guardrails_url=services.urls["METIS_GUARDRAILS_URL"],
+                         guardrails_token=TEST_TOKENS["ops"].get(), project=project)
+    results = {r["key"]: r for r in rep["results"]}
+    first = results[f"{project}-200"]
+    assert (first["mode"], first["verdict"], first["named"], first["named_correct"]) == \
+        ("llm", "duplicate", f"{project}-100", True)
+    verified = [r for r in rep["results"] if r["mode"] == "llm"]
+    assert len(verified) == len(emu.anthropic_requests("/v1/messages")) >= 2
+    assert all(r["verdict"] == "possible" for r in verified if r["key"] != first["key"])
+    assert all(r["verdict"] == "none" and r["cost_usd"] == 0 for r in rep["results"] if r["mode"] == "offline")
+    summary = rep["llm"]["all"]
+    assert (summary["verified"], summary["said_duplicate"], summary["named_a_true_duplicate"]) == (len(verified), 1, 1)
+    assert summary["precision_of_llm_duplicates"] == 1.0 and rep["verdict"]["all"]["dup_said"] == 1
+    assert rep["llm"]["run_refusals"] == {}
+    # One finished guardrails run per query, charged exactly what the report says.
+    runs = [r for r in services.get("guardrails", "/v1/runs?task=dedupe&limit=500", caller="ops").json()
+            if (r.get("external_id") or "").startswith(f"eval:{project}-")]
+    assert len(runs) == len(rep["results"]) and {r["status"] for r in runs} == {"succeeded"}
+    charged = sum(r["budget"]["spent_usd"] for r in runs)
+    assert charged > 0 and abs(charged - summary["cost_usd_total"]) < 1e-6
+
+    # With the kill switch engaged every run is refused: counted, and the queries keep their offline verdicts.
+    engaged = services.post("guardrails", "/v1/kill-switch/engage", caller="ops",
+                            json={"actor": "test", "reason": "evaluation refusal"})
+    assert engaged.status_code == 200, engaged.text
+    try:
+        calls = len(emu.anthropic_requests("/v1/messages"))
+        again = run_evaluation(issues_csv=issues, pairs_csv=pairs, url=None, token=None, database_url=database_url,
+                               workers=1, extra_env=env, llm=True, guardrails_url=services.urls["METIS_GUARDRAILS_URL"],
+                               guardrails_token=TEST_TOKENS["ops"].get())
+    finally:
+        services.post("guardrails", "/v1/kill-switch/release", caller="ops", json={"actor": "test", "reason": "done"})
+    assert again["llm"]["run_refusals"] == {"kill_switch_engaged": len(again["results"])}
+    assert {r["mode"] for r in again["results"]} == {"offline"} and again["llm"]["all"]["verified"] == 0
+    assert again["verdict"]["all"]["dup_said"] == 0
+    assert len(emu.anthropic_requests("/v1/messages")) == calls

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.dedupe.config import ConfigError, load_config
-from services.dedupe.evaluation import QueryResult, calibrate, ranking_metrics, verdict_metrics
+from services.dedupe.evaluation import QueryResult, calibrate, llm_summary, ranking_metrics, verdict_metrics
 from services.dedupe.verdict import (FEATURES, Evidence, VerdictModel, decide, features, fit_logistic,
                                      summary_versions)
 from services.dedupe.lexical import Bm25Params, LexicalIndex
@@ -86,6 +86,30 @@ def test_content_hash_separates_parts() -> None:
 def _r(kind: str, rank: int | None, conf: float, split: str = "dev", verdict: str = "none",
        features: dict[str, float] | None = None) -> QueryResult:
     return QueryResult("k", split, kind, rank, verdict, conf, rank == 1, 1.0, features or {})
+
+
+def test_an_llm_duplicate_is_scored_on_the_ticket_the_model_named() -> None:
+    """The LLM may confirm the second candidate: right when that one is a true duplicate even if the best
+    candidate is not, wrong when it names a ticket that is not even if the best candidate is."""
+    def llm(kind: str, rank: int | None, named_correct: bool | None, verdict: str = "duplicate",
+            cost: float | None = 0.001) -> QueryResult:
+        return replace(_r(kind, rank, 0.5, verdict=verdict), mode="llm", named="X" if named_correct is not None
+                       else None, named_correct=named_correct, cost_usd=cost)
+
+    rs = [llm("dup", 2, True),            # named the true duplicate ranked second: right
+          llm("dup", 1, False),           # named another candidate while the best was right: wrong
+          llm("neg", None, False),        # a report with no duplicate: wrong
+          llm("dup", 1, None, "possible"),  # verified, no duplicate found
+          _r("dup", 1, 0.2, verdict="none")]  # never verified (offline "none")
+    m = verdict_metrics(rs)
+    assert (m["dup_said"], m["dup_correct"], m["dup_said_on_no_duplicate"]) == (3, 1, 1)
+    assert m["dup_precision_all_reports"] == round(1 / 3, 3) and m["dup_recall"] == 0.25
+    assert m["possible_or_dup_correct"] == 2  # "possible" still judges the best candidate (ranks 1, 1 said)
+    s = llm_summary(rs, {"kill_switch_engaged": 2})
+    assert s["all"] == {"queries": 5, "verified": 4, "said_duplicate": 3, "named_a_true_duplicate": 1,
+                        "precision_of_llm_duplicates": 0.333, "cost_usd_total": 0.004,
+                        "cost_usd_median_per_charged_query": 0.001}
+    assert s["run_refusals"] == {"kill_switch_engaged": 2}
 
 
 def test_metrics() -> None:
