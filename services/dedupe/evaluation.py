@@ -375,7 +375,8 @@ def llm_summary(results: list[QueryResult], refusals: dict[str, int] | None = No
         verified = [r for r in rs if r.mode == "llm"]
         named = [r for r in verified if r.named]
         costs = sorted(r.cost_usd for r in rs if r.cost_usd)
-        out[split] = {"queries": len(rs), "verified": len(verified), "said_duplicate": len(named),
+        out[split] = {"queries": len(rs), "verified": len(verified), "charged": len(costs),
+                      "said_duplicate": len(named),
                       "named_a_true_duplicate": sum(bool(r.named_correct) for r in named),
                       "precision_of_llm_duplicates": round(sum(bool(r.named_correct) for r in named) / len(named), 3)
                       if named else None,
@@ -424,12 +425,12 @@ def markdown(rep: dict[str, Any]) -> str:
                      f"{m['possible_or_dup_recall']} |")
     lines.append("")
     if "llm" in rep:
-        lines.append("| split (--llm) | verified by the LLM | it said duplicate | named a true duplicate | "
-                     "precision | cost (USD) |")
-        lines.append("|---|---|---|---|---|---|")
+        lines.append("| split (--llm) | verified by the LLM | charged (verified or failed) | it said duplicate | "
+                     "named a true duplicate | precision | cost (USD) |")
+        lines.append("|---|---|---|---|---|---|---|")
         for split in ("all", "dev", "test"):
             m = rep["llm"][split]
-            lines.append(f"| {split} | {m['verified']} of {m['queries']} | {m['said_duplicate']} | "
+            lines.append(f"| {split} | {m['verified']} of {m['queries']} | {m['charged']} | {m['said_duplicate']} | "
                          f"{m['named_a_true_duplicate']} | {m['precision_of_llm_duplicates']} | {m['cost_usd_total']} |")
         if rep["llm"]["run_refusals"]:
             lines.append(f"runs refused by guardrails (those queries kept the offline verdict): "

@@ -123,7 +123,8 @@ def test_evaluation_with_llm_verification_opens_a_run_per_query(services: Any, e
     assert all(r["verdict"] == "possible" for r in verified if r["key"] != first["key"])
     assert all(r["verdict"] == "none" and r["cost_usd"] == 0 for r in rep["results"] if r["mode"] == "offline")
     summary = rep["llm"]["all"]
-    assert (summary["verified"], summary["said_duplicate"], summary["named_a_true_duplicate"]) == (len(verified), 1, 1)
+    assert (summary["verified"], summary["charged"], summary["said_duplicate"], summary["named_a_true_duplicate"]) \
+        == (len(verified), len(verified), 1, 1)
     assert summary["precision_of_llm_duplicates"] == 1.0 and rep["verdict"]["all"]["dup_said"] == 1
     assert rep["llm"]["run_refusals"] == {}
     # One finished guardrails run per query, charged exactly what the report says.

@@ -106,7 +106,7 @@ def test_an_llm_duplicate_is_scored_on_the_ticket_the_model_named() -> None:
     assert m["dup_precision_all_reports"] == round(1 / 3, 3) and m["dup_recall"] == 0.25
     assert m["possible_or_dup_correct"] == 2  # "possible" still judges the best candidate (ranks 1, 1 said)
     s = llm_summary(rs, {"kill_switch_engaged": 2})
-    assert s["all"] == {"queries": 5, "verified": 4, "said_duplicate": 3, "named_a_true_duplicate": 1,
+    assert s["all"] == {"queries": 5, "verified": 4, "charged": 4, "said_duplicate": 3, "named_a_true_duplicate": 1,
                         "precision_of_llm_duplicates": 0.333, "cost_usd_total": 0.004,
                         "cost_usd_median_per_charged_query": 0.001}
     assert s["run_refusals"] == {"kill_switch_engaged": 2}
