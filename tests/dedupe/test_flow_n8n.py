@@ -306,6 +306,34 @@ def test_a_budget_denial_is_one_clean_refusal(flow: Any, emu: Any) -> None:
     assert [r[0] for r in _intake(services)] == ["accepted", "refused", "accepted"]
 
 
+def test_guardrails_failing_at_the_proposal_is_tried_again_and_nothing_is_lost(flow: Any, emu: Any) -> None:
+    """guardrails answers 500 to the proposal (its actions table is renamed away after the run opened; Jira's
+    delivery was already answered 202, so Jira will not send it again): n8n proposes every proposal again 2 s
+    later, at most twice more. Once guardrails is back the comment is proposed exactly once and the run succeeds."""
+    from tests.triage.conftest import answered, delta
+
+    services, n8n = flow.services, flow.n8n
+    _index_in_dedupe(services, emu, emu.jira_seed([OLD]))
+    before = answered(services, "guardrails", "POST", "/v1/actions")
+    with psycopg.connect(services.database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE guardrails.actions RENAME TO actions_unavailable")
+        try:
+            new, new_id = _new_defect(emu, n8n, {**OLD, "created": "2025-02-03T10:00:00.000+0000"})
+            _wait(lambda: delta(answered(services, "guardrails", "POST", "/v1/actions"), before).get("500"))
+        finally:
+            conn.execute("ALTER TABLE guardrails.actions_unavailable RENAME TO actions")
+    run = _finished_run(services, new_id)
+    assert run["status"] == "succeeded" and run["outcome"]["verdict"] == "possible", run
+    assert [(a["operation"], a["http"]) for a in run["outcome"]["actions"]] == [("add_comment", 201)], run
+    attempts = delta(answered(services, "guardrails", "POST", "/v1/actions"), before)
+    assert set(attempts) == {"500", "201"} and attempts["201"] == 1 and attempts["500"] in (1, 2), attempts
+    [comment] = _actions(services, run["id"])
+    assert (comment["operation"], comment["target"], comment["status"]) == ("add_comment", new, "pending_approval")
+    ran = _node_runs(n8n, n8n.wait_for_execution(workflow_id=WORKFLOW)["id"])
+    assert ran["Propose to guardrails"] == 1 + attempts["500"] and ran["Finish run (proposed)"] == 1, ran
+    assert ran["Wait before proposing again"] == attempts["500"], ran
+
+
 def _run_refusals(services: Any) -> float:
     """403 answers guardrails gave to POST /v1/runs (its Prometheus request counter)."""
     text = services.get("guardrails", "/metrics", caller=None).text

@@ -299,5 +299,12 @@ def test_the_workflow_file_is_well_formed() -> None:
     assert targets["Open run"] == [["Run opened?"], ["Record refusal"]]
     assert targets["Run opened?"] == [["Check duplicates"], ["Record refusal"]]
     assert nodes["Finish run (proposed)"].get("executeOnce") is True
+    # A proposal guardrails could not take (5xx, no answer) is sent again twice, 2 s apart, with all the others
+    # (idempotency keys make that safe); the run is finished once, after the last attempt.
+    assert targets["Propose to guardrails"] == [["Guardrails unavailable: propose again?"]]
+    assert targets["Guardrails unavailable: propose again?"] == [["Wait before proposing again"], ["Finish run (proposed)"]]
+    assert targets["Wait before proposing again"] == [["Every proposal again"]]
+    assert targets["Every proposal again"] == [["One item per proposal"]]
+    assert nodes["Guardrails unavailable: propose again?"].get("executeOnce") is True
     body = nodes["Check duplicates"]["parameters"]["jsonBody"]
     assert "idempotency_key" in body and "index: true" in body and "run_id" in body
