@@ -44,6 +44,7 @@ class LlmConfig:
     max_tokens: int = 400
     top_k: int = 3
     timeout_seconds: float = 20.0
+    min_confidence: float = 0.8  # the model's own confidence a "duplicate" needs; below it, "possible"
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,8 @@ def load_config(config_dir: str | Path) -> DedupeConfig:
     verdict, verdict_rest = _section(raw, "verdict", VerdictConfig, problems, extra=("intercept", "weights"))
     verdict = replace(verdict, model=_verdict_model(verdict_rest, problems))
     llm, _ = _section(raw, "llm", LlmConfig, problems)
+    if not 0 <= llm.min_confidence <= 1:
+        problems.append(f"llm.min_confidence: must be between 0 and 1, got {llm.min_confidence!r}")
     if not 0 <= verdict.possible <= verdict.duplicate <= 1:
         problems.append("verdict: need 0 <= possible <= duplicate <= 1 (thresholds on a probability)")
     if verdict.embedder is not None and not isinstance(verdict.embedder, str):

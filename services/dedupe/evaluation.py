@@ -236,7 +236,9 @@ def run_queries(client: Client, data: Dataset, project: str, *, negatives: int |
         keys = [c["key"] for c in res["candidates"]]
         rank = next((i + 1 for i, k in enumerate(keys) if k in rel), None)
         split = "dev" if split_time is None or t["_t"] < split_time else "test"
-        named = (res.get("llm") or {}).get("duplicate_of") if res.get("mode") == "llm" else None
+        # The ticket a confirmed "duplicate" names (a hesitant answer below llm.min_confidence stays "possible").
+        named = (res.get("llm") or {}).get("duplicate_of") \
+            if res.get("mode") == "llm" and res["verdict"] == "duplicate" else None
         out.append(QueryResult(key, split, kind, rank, res["verdict"], float(res["confidence"]),
                                bool(keys) and keys[0] in rel, ms, dict(res.get("features") or {}),
                                keys[0] if keys else None, mode=str(res.get("mode") or "offline"), named=named,

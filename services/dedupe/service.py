@@ -439,8 +439,13 @@ def _maybe_verify(*, engine: Engine, verifier: Any, run_id: str | None, ticket: 
     except LlmFailed as exc:
         return "offline", f"{detail}; LLM verification failed ({exc}), offline verdict stands", verdict, None
     out = {"duplicate_of": v.duplicate_of, "confidence": v.confidence, "rationale": v.rationale}
+    llm = engine.config.llm
+    if v.duplicate_of is not None and v.confidence >= llm.min_confidence:
+        return "llm", f"LLM ({llm.model}) confirmed {v.duplicate_of}", "duplicate", out
     if v.duplicate_of is not None:
-        return "llm", f"LLM ({engine.config.llm.model}) confirmed {v.duplicate_of}", "duplicate", out
+        # A hesitant "yes" is not enough to link tickets unattended: a human compares (the comment names it).
+        return "llm", (f"LLM ({llm.model}) named {v.duplicate_of} with confidence {v.confidence:.2f}, below "
+                       f"llm.min_confidence {llm.min_confidence:.2f}: left for a human"), "possible", out
     # The model rejected every candidate: not a duplicate, but keep the candidates for a human to see.
     return "llm", f"LLM ({engine.config.llm.model}) found no duplicate among the top candidates", "possible", out
 

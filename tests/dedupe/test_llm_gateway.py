@@ -81,6 +81,21 @@ def test_verification_is_charged_to_the_run(services: Any, dedupe_llm: Proc, pro
     assert 0 < budget["spent_usd"] < 0.01  # one cheap call, settled by guardrails at its real usage
 
 
+def test_a_hesitant_confirmation_is_not_a_duplicate(services: Any, dedupe_llm: Proc, project: str, emu: Any) -> None:
+    """The model names a candidate but below llm.min_confidence (0.8): no "duplicate" (so no link proposal),
+    the verdict stays "possible" with the model's answer shown for a human; at the threshold it is a duplicate."""
+    best = check(dedupe_llm, project, None)["candidates"][0]["key"]
+    emu.script_anthropic([{"tool_input": {"duplicate_of": best, "confidence": 0.79, "rationale": "probably"}},
+                          {"tool_input": {"duplicate_of": best, "confidence": 0.8, "rationale": "same NPE"}}])
+    hesitant = check(dedupe_llm, project, open_run(services))
+    assert (hesitant["mode"], hesitant["verdict"]) == ("llm", "possible"), hesitant
+    assert hesitant["llm"] == {"duplicate_of": best, "confidence": 0.79, "rationale": "probably"}
+    assert f"named {best} with confidence 0.79, below llm.min_confidence 0.80" in hesitant["mode_detail"]
+    sure = check(dedupe_llm, project, open_run(services))
+    assert (sure["mode"], sure["verdict"], sure["llm"]["duplicate_of"]) == ("llm", "duplicate", best), sure
+    assert len(emu.anthropic_requests("/v1/messages")) == 2
+
+
 def test_budget_denial_leaves_the_offline_verdict(services: Any, dedupe_llm: Proc, project: str, emu: Any) -> None:
     offline = check(dedupe_llm, project, None)
     run_id = open_run(services, task="e2e-capped")  # a run cap far below the call's worst case

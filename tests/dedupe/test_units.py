@@ -203,6 +203,15 @@ def test_config_verdict_model_is_validated(tmp_path: Path) -> None:
         load_config(tmp_path)
 
 
+def test_llm_min_confidence_is_a_probability(tmp_path: Path) -> None:
+    (tmp_path / "dedupe.yaml").write_text("llm: {min_confidence: 1.5}\n")
+    with pytest.raises(ConfigError, match="llm.min_confidence: must be between 0 and 1"):
+        load_config(tmp_path)
+    (tmp_path / "dedupe.yaml").write_text("llm: {min_confidence: 0.9}\nverdict: {intercept: -7, weights: {cosine: 4}}\n")
+    assert load_config(tmp_path).llm.min_confidence == 0.9
+    assert load_config(Path(__file__).resolve().parents[2] / "config").llm.min_confidence == 0.8
+
+
 def test_a_verdict_model_fitted_with_another_embedder_is_refused(tmp_path: Path) -> None:
     """Changing the embedding window, backend or precision moves every cosine the verdict model reads: the
     service must not start with weights fitted on other vectors (it would misjudge without a word)."""
