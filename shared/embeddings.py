@@ -82,8 +82,30 @@ def default_model_path() -> str:
     return str(get_model_path())
 
 
-class MiniLMEmbedder:
+class _MiniLM:
+    """What both MiniLM runtimes share: their name (from the options and `BACKEND`), width and load log."""
+
+    BACKEND = ""
+    options: MiniLMOptions
+    _dim: int
+
+    @property
+    def name(self) -> str:
+        return minilm_name(replace(self.options, backend=self.BACKEND))
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _loaded(self, started: float) -> None:
+        log.info("embedding model loaded", extra={"embedder": self.name,
+                                                  "seconds": round(time.perf_counter() - started, 2)})
+
+
+class MiniLMEmbedder(_MiniLM):
     """all-MiniLM-L6-v2 through sentence-transformers, loaded from local files only (no network)."""
+
+    BACKEND = "torch"
 
     def __init__(self, options: MiniLMOptions | None = None) -> None:
         self.options = options or MiniLMOptions()
@@ -117,16 +139,7 @@ class MiniLMEmbedder:
             self._dim = int(dim_fn())
         except Exception as exc:  # any failure to load is the same fact for callers: no model
             raise EmbedderUnavailable(f"cannot load the embedding model: {type(exc).__name__}: {exc}") from exc
-        log.info("embedding model loaded", extra={"embedder": self.name,
-                                                  "seconds": round(time.perf_counter() - t0, 2)})
-
-    @property
-    def name(self) -> str:
-        return minilm_name(replace(self.options, backend="torch"))
-
-    @property
-    def dim(self) -> int:
-        return self._dim
+        self._loaded(t0)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts (sentence-transformers sorts each call by length, so padding stays small)."""
@@ -207,7 +220,7 @@ def onnx_model_file(options: MiniLMOptions, model_dir: Path, *, timeout: float =
     return target
 
 
-class OnnxMiniLMEmbedder:
+class OnnxMiniLMEmbedder(_MiniLM):
     """all-MiniLM-L6-v2 under ONNX Runtime: the same vectors as sentence-transformers (mean pooling, L2),
     int8 per-channel weights, Rust tokenizer; no torch in the serving process once the export is cached.
 
@@ -215,6 +228,8 @@ class OnnxMiniLMEmbedder:
     dynamic int8 quantises activations per run, a text's vector then never depends on which texts shared
     its batch — the same text always gets the same vector, at index time and at query time.
     """
+
+    BACKEND = "onnx"
 
     def __init__(self, options: MiniLMOptions | None = None) -> None:
         self.options = options or MiniLMOptions(backend="onnx")
@@ -249,16 +264,7 @@ class OnnxMiniLMEmbedder:
             self._dim = width if isinstance(width, int) else int(self._run([[101, 102]]).shape[1])
         except Exception as exc:  # any failure to load is the same fact for callers: no model
             raise EmbedderUnavailable(f"cannot load the embedding model: {type(exc).__name__}: {exc}") from exc
-        log.info("embedding model loaded", extra={"embedder": self.name,
-                                                  "seconds": round(time.perf_counter() - t0, 2)})
-
-    @property
-    def name(self) -> str:
-        return minilm_name(replace(self.options, backend="onnx"))
-
-    @property
-    def dim(self) -> int:
-        return self._dim
+        self._loaded(t0)
 
     def _run(self, seqs: list[list[int]]) -> np.ndarray:
         width = max(len(s) for s in seqs)

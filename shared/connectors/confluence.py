@@ -4,26 +4,13 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 from urllib.parse import urljoin
 
-import requests
-
-from .http import ConnectorError, RetryPolicy, request_with_retries
+from .http import BasicAuthClient, ConnectorError, request_with_retries
 
 
-class ConfluenceClient:
+class ConfluenceClient(BasicAuthClient):
     """Reads a Confluence Cloud site (or the local emulator) by URL with Basic auth (email + API token)."""
 
-    def __init__(self, base_url: str, email: str, api_token: str, *, policy: RetryPolicy | None = None,
-                 timeout: float = 15.0, session: requests.Session | None = None) -> None:
-        # base_url is the site root (https://example.atlassian.net); the API lives under /wiki.
-        self.base_url = base_url.rstrip("/")
-        self.session = session or requests.Session()
-        self.session.auth = (email, api_token)
-        self.session.headers.update({"Accept": "application/json"})
-        self.policy = policy or RetryPolicy()
-        self.timeout = timeout
-
-    def __repr__(self) -> str:
-        return f"ConfluenceClient({self.base_url!r})"
+    # base_url is the site root (https://example.atlassian.net); the API lives under /wiki.
 
     def _get(self, path: str, params: dict[str, Any] | None = None,
              expect: Sequence[int] = (200,)) -> dict[str, Any]:

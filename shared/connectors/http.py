@@ -69,3 +69,20 @@ def request_with_retries(session: requests.Session, method: str, url: str, *, po
         sleep(delay)
         waited += delay
     raise AssertionError("unreachable")
+
+
+class BasicAuthClient:
+    """A site reached by URL with HTTP Basic auth (Atlassian Cloud: account e-mail + API token), JSON answers,
+    calls retried per `policy`; the real service or its local emulator, by URL only."""
+
+    def __init__(self, base_url: str, email: str, api_token: str, *, policy: RetryPolicy | None = None,
+                 timeout: float = 15.0, session: requests.Session | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = session or requests.Session()
+        self.session.auth = (email, api_token)
+        self.session.headers.update({"Accept": "application/json"})
+        self.policy = policy or RetryPolicy()
+        self.timeout = timeout
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"{type(self).__name__}({self.base_url!r})"

@@ -3,26 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
-import requests
-
 from .adf import is_adf, text_to_adf
-from .http import ConnectorError, RetryPolicy, request_with_retries
+from .http import BasicAuthClient, ConnectorError, request_with_retries
 
 
-class JiraClient:
+class JiraClient(BasicAuthClient):
     """Talks to a Jira Cloud site (or the local emulator) by URL with Basic auth (email + API token)."""
-
-    def __init__(self, base_url: str, email: str, api_token: str, *, policy: RetryPolicy | None = None,
-                 timeout: float = 15.0, session: requests.Session | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.session = session or requests.Session()
-        self.session.auth = (email, api_token)
-        self.session.headers.update({"Accept": "application/json"})
-        self.policy = policy or RetryPolicy()
-        self.timeout = timeout
-
-    def __repr__(self) -> str:
-        return f"JiraClient({self.base_url!r})"
 
     def _call(self, method: str, path: str, *, expect: Sequence[int] = (200,), **kwargs: Any) -> Any:
         url = f"{self.base_url}{path}"
