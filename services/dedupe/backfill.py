@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable
 
-import requests
-
 from shared.connectors.adf import adf_to_text
+from shared.connectors.jira import JiraClient
 from shared.db import transaction
 
 from . import repository
@@ -17,37 +15,6 @@ log = logging.getLogger(__name__)
 
 FIELDS = ["summary", "description", "created", "updated", "status", "resolution", "priority", "components",
           "labels", "project"]
-
-
-class JiraSearchError(RuntimeError):
-    """Jira refused or failed a search page."""
-
-
-@dataclass
-class JiraSearch:
-    """POST /rest/api/3/search/jql with nextPageToken paging, Basic auth (email + API token)."""
-
-    base_url: str
-    email: str
-    api_token: str
-    timeout: float = 30.0
-
-    def __repr__(self) -> str:
-        return f"JiraSearch({self.base_url!r})"
-
-    def page(self, jql: str, token: str | None, size: int, fields: list[str]) -> dict[str, Any]:
-        body: dict[str, Any] = {"jql": jql, "fields": fields, "maxResults": size}
-        if token:
-            body["nextPageToken"] = token
-        try:
-            r = requests.post(f"{self.base_url.rstrip('/')}/rest/api/3/search/jql", json=body,
-                              auth=(self.email, self.api_token), timeout=self.timeout,
-                              headers={"Accept": "application/json"})
-        except requests.RequestException as exc:
-            raise JiraSearchError(f"Jira unreachable: {type(exc).__name__}") from exc
-        if r.status_code != 200:
-            raise JiraSearchError(f"Jira search → {r.status_code}: {r.text[:300]}")
-        return r.json()  # type: ignore[no-any-return]
 
 
 def issue_to_ticket(issue: dict[str, Any], client_field: str | None = None) -> dict[str, Any]:
@@ -68,10 +35,15 @@ def issue_to_ticket(issue: dict[str, Any], client_field: str | None = None) -> d
             "client": client if isinstance(client, str) else None}
 
 
-def backfill(*, engine: Engine, jira: JiraSearch, jql: str, name: str, page_size: int = 100,
+def backfill(*, engine: Engine, jira: JiraClient, jql: str, name: str, page_size: int = 100,
              restart: bool = False, client_field: str | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Index every issue the JQL finds; the cursor is saved after each stored page, so a rerun resumes there."""
+    """Index every issue the JQL finds; the cursor is saved after each stored page, so a rerun resumes there.
+
+    Pages come through the shared Jira client (`POST /rest/api/3/search/jql`, nextPageToken paging), which
+    retries 429 / 5xx waiting what Retry-After asks — what a bulk read of Jira Cloud meets — and raises
+    `ConnectorError` when Jira keeps failing or refuses (401, 400): the pages stored so far stay stored.
+    """
     from .schemas import TicketCreate
 
     schema = TicketCreate()
@@ -87,7 +59,7 @@ def backfill(*, engine: Engine, jira: JiraSearch, jql: str, name: str, page_size
     pages = total = 0
     fields = FIELDS + ([client_field] if client_field else [])
     while True:
-        data = jira.page(jql, token, page_size, fields)
+        data = jira.search_page(jql, fields=fields, max_results=page_size, next_page_token=token)
         issues = data.get("issues") or []
         tickets = [TicketIn.from_dict(schema.load(issue_to_ticket(i, client_field)),
                                       engine.config.description_chars_stored) for i in issues]

@@ -34,7 +34,10 @@ def backfill_cmd(jql: str, name: str, page_size: int, restart: bool, client_fiel
     """Page through a Jira JQL search and index every issue; rerun to resume where it stopped."""
     from shared import db
 
-    from .backfill import JiraSearch, backfill
+    from shared.connectors.http import ConnectorError
+    from shared.connectors.jira import JiraClient
+
+    from .backfill import backfill
     from .config import load_config
     from .service import Engine, ModelHolder
     from shared.embeddings import CachingEmbedder, make_embedder
@@ -52,9 +55,13 @@ def backfill_cmd(jql: str, name: str, page_size: int, restart: bool, client_fiel
         engine.model.load()
         engine.model.get()
         with tqdm(unit="ticket", desc=f"back-fill {name}") as bar:
-            result = backfill(engine=engine, jira=JiraSearch(jira_url, jira_email, token), jql=jql, name=name,
-                              page_size=page_size, restart=restart, client_field=client_field,
-                              progress=bar.update)
+            try:
+                result = backfill(engine=engine, jira=JiraClient(jira_url, jira_email, token), jql=jql, name=name,
+                                  page_size=page_size, restart=restart, client_field=client_field,
+                                  progress=bar.update)
+            except ConnectorError as exc:
+                raise click.ClickException(f"{exc}; the pages stored so far are kept: run the same command "
+                                           "again to resume from there") from exc
     finally:
         pool.close()
     click.echo(json.dumps(result))
