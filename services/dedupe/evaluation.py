@@ -195,10 +195,10 @@ class GuardrailsRuns:
             raise RuntimeError(f"guardrails POST /v1/runs → {r.status_code}: {r.text[:300]}")
         return str(r.json()["id"])
 
-    def finish(self, run_id: str, outcome: dict[str, Any]) -> float:
+    def finish(self, run_id: str, outcome: dict[str, Any], *, status: str = "succeeded") -> float:
         """Close the run; what it cost in USD."""
         r = self.session.post(f"{self.base_url}/v1/runs/{run_id}/finish", timeout=30,
-                              json={"status": "succeeded", "outcome": outcome})
+                              json={"status": status, "outcome": outcome})
         if r.status_code >= 400:
             raise RuntimeError(f"guardrails finish {run_id} → {r.status_code}: {r.text[:300]}")
         return float((r.json().get("budget") or {}).get("spent_usd") or 0.0)
@@ -229,7 +229,12 @@ def run_queries(client: Client, data: Dataset, project: str, *, negatives: int |
         if run_id:
             body["run_id"] = run_id
         t0 = time.perf_counter()
-        res = client.post("/v1/duplicates", body)
+        try:
+            res = client.post("/v1/duplicates", body)
+        except Exception as exc:
+            if runs and run_id:  # never leave a run open behind an aborted evaluation
+                runs.finish(run_id, {"ticket": key, "error": str(exc)[:300]}, status="failed")
+            raise
         ms = (time.perf_counter() - t0) * 1000
         cost = runs.finish(run_id, {"ticket": key, "verdict": res["verdict"], "mode": res.get("mode")}) \
             if runs and run_id else None
@@ -277,6 +282,7 @@ def verdict_metrics(results: Iterable[QueryResult], duplicate: float | None = No
     dups = [r for r in rs if r.kind == "dup"]
     negs = [r for r in rs if r.kind == "neg"]
     out: dict[str, float] = {}
+
     def hit(r: QueryResult, level: str) -> bool:
         if level == "duplicate" and duplicate is None and r.named_correct is not None:
             return r.named_correct

@@ -164,3 +164,21 @@ def test_evaluation_with_llm_verification_opens_a_run_per_query(services: Any, e
     assert {r["mode"] for r in again["results"]} == {"offline"} and again["llm"]["all"]["verified"] == 0
     assert again["verdict"]["all"]["dup_said"] == 0
     assert len(emu.anthropic_requests("/v1/messages")) == calls
+
+
+def test_an_aborted_evaluation_leaves_no_run_open(services: Any, tmp_path: Path) -> None:
+    """If a query fails (here: the 'dedupe' URL is a service without /v1/duplicates), the evaluation stops with
+    the error and the run it opened for that query is finished as failed, not left open."""
+    from services.dedupe.evaluation import Client, GuardrailsRuns, load_dataset, run_queries
+
+    from .test_evaluation import write_dataset
+
+    data = load_dataset(*write_dataset(tmp_path), prefix="EVABORT" + uuid.uuid4().hex[:4].upper())
+    guardrails, token = services.urls["METIS_GUARDRAILS_URL"], TEST_TOKENS["ops"].get()
+    with pytest.raises(RuntimeError, match="POST /v1/duplicates"):
+        run_queries(Client(guardrails, token), data, "EVABORT", runs=GuardrailsRuns(guardrails, token))
+    prefix = f"eval:{data.queries[0][0]}"
+    runs = [r for r in services.get("guardrails", "/v1/runs?task=dedupe&limit=1000", caller="ops").json()
+            if r["external_id"] == prefix]
+    assert len(runs) == 1 and runs[0]["status"] == "failed", runs
+    assert "POST /v1/duplicates" in runs[0]["outcome"]["error"]
