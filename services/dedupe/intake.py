@@ -172,6 +172,11 @@ def comment_text(issue_key: str, answer: Mapping[str, Any], cfg: IntakeConfig) -
             lines.append(f"   why: {reasons}")
     lines += ["", f"Verdict {answer.get('verdict')} ({_clean(answer.get('mode'), 20)}: "
                   f"{_clean(answer.get('mode_detail'), 300)})."]
+    llm = answer.get("llm") if answer.get("mode") == "llm" else None
+    if isinstance(llm, dict) and llm.get("rationale"):
+        # The model's reading helps whoever compares; it is model output about untrusted text: cleaned, quoted.
+        named = f" (named {_clean(llm.get('duplicate_of'), 40)})" if llm.get("duplicate_of") else ""
+        lines.append(f"Model's reading{named}: \"{_clean(llm.get('rationale'), 400)}\"")
     if target:
         lines.append(f"A \"{cfg.link_type}\" link ({issue_key} duplicates {target}) is proposed with this comment.")
     return "\n".join(lines)

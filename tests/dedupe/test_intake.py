@@ -235,6 +235,22 @@ def test_possible_proposes_a_comment_only_and_none_nothing() -> None:
     assert intake.build_proposals(run_id="r", issue_key="PAY-5", answer=answer("duplicate"), cfg=cfg) == []
 
 
+def test_the_comment_carries_the_models_reading_cleaned() -> None:
+    """A hesitant LLM answer stays "possible": the comment shows which ticket the model named and why (its
+    rationale, model output about untrusted text: links and mentions removed, one line, quoted)."""
+    a = {**answer("possible", cand("PAY-1"), cand("PAY-2"),
+                  llm={"duplicate_of": "PAY-2", "confidence": 0.7,
+                       "rationale": "Both lose a cent.\nSee https://evil.example/x and ping [~accountid:123]"}),
+         "mode": "llm"}
+    body = intake.build_proposals(run_id="r", issue_key="PAY-5", answer=a, cfg=intake.IntakeConfig())[0]["payload"]["body"]
+    line = next(x for x in body.splitlines() if x.startswith("Model's reading"))
+    assert line.startswith("Model's reading (named PAY-2): \"Both lose a cent. See [link removed]")
+    assert "evil.example" not in body and "accountid" not in body
+    offline = intake.build_proposals(run_id="r", issue_key="PAY-5", answer=answer("possible", cand("PAY-1")),
+                                     cfg=intake.IntakeConfig())[0]["payload"]["body"]
+    assert "Model's reading" not in offline
+
+
 def test_the_link_names_the_candidate_the_llm_confirmed() -> None:
     a = answer("duplicate", cand("PAY-1"), cand("PAY-2"), llm={"duplicate_of": "PAY-2", "confidence": 0.9})
     link = intake.build_proposals(run_id="r", issue_key="PAY-5", answer=a, cfg=intake.IntakeConfig())[1]
