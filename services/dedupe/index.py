@@ -231,13 +231,13 @@ class TicketIndex:
         """Slots of (up to) the k eligible tickets nearest to the query, best first not guaranteed."""
         n = self.size
         if self.basis is None:
-            return _top(np.where(mask, self.dense(query), -np.inf), k)
-        shortlist = _top(np.where(mask, self.coarse[:n] @ (query @ self.basis), -np.inf), max(k, RERANK))
+            return top_k(np.where(mask, self.dense(query), -np.inf), k)
+        shortlist = top_k(np.where(mask, self.coarse[:n] @ (query @ self.basis), -np.inf), max(k, RERANK))
         exact = self.cosines(query, shortlist)
-        return shortlist[_top(exact, k)]
+        return shortlist[top_k(exact, k)]
 
 
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest finite scores (unordered)."""
     k = min(k, len(scores))
     if k <= 0:

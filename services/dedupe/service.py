@@ -18,7 +18,7 @@ from shared.errors import MetisError, NotFound, Unavailable
 from . import metrics, repository
 from . import verdict as verdict_model
 from .config import DedupeConfig
-from .index import TicketIndex, TicketMeta
+from .index import TicketIndex, TicketMeta, top_k
 from .text import clean, for_embedding, tokens
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
         f = cfg.fusion
         # Candidate pool: the best of each retriever (a full fused sort of 100k rows is not needed).
         pool = min(f.pool, eligible)
-        cand = set(index.dense_top(qvec, m, pool)) | set(_top(np.where(m, bm, -np.inf), pool))
+        cand = set(index.dense_top(qvec, m, pool)) | set(top_k(np.where(m, bm, -np.inf), pool))
         cand_arr = np.fromiter(cand, dtype=np.int64)
         cand_arr = cand_arr[m[cand_arr]]
         cos = np.zeros(index.size, dtype=np.float32)  # exact cosines, filled in for the candidates only
@@ -330,14 +330,6 @@ def search(*, engine: Engine, ticket: TicketIn, limit: int, filters: Filters, re
                             float(bm[slot]) / self_score, None if np.isnan(days[o]) else float(days[o]), shared,
                             cosine_best=cos_best, lexical_norm=float(bm[slot]) / max(bm_max, 1e-6)))
     return hits, eligible
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    k = min(k, len(scores))
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    idx = np.argpartition(-scores, k - 1)[:k]
-    return idx[np.isfinite(scores[idx])]
 
 
 def reasons(hit: Hit, ticket: TicketIn) -> list[str]:
