@@ -39,26 +39,6 @@ def _pct(values: list[float], p: float) -> float:
     return values[max(0, min(len(values) - 1, int(round(p / 100 * (len(values) - 1)))))]
 
 
-def _run_data(flat: list[Any]) -> dict[str, list[dict[str, Any]]]:
-    """resultData.runData of an execution (n8n stores it as `flatted` JSON: values referenced by index)."""
-    cache: dict[int, Any] = {}
-
-    def get(i: int) -> Any:
-        if i in cache:
-            return cache[i]
-        v = flat[i]
-        if isinstance(v, dict):
-            cache[i] = out = {}
-            out.update({k: get(int(x)) if isinstance(x, str) and x.isdigit() else x for k, x in v.items()})
-            return out
-        if isinstance(v, list):
-            cache[i] = lst = []
-            lst.extend(get(int(x)) if isinstance(x, str) and x.isdigit() else x for x in v)
-            return lst
-        return v
-
-    return get(0)["resultData"]["runData"]  # type: ignore[no-any-return]
-
 
 @pytest.mark.e2e
 @pytest.mark.xdist_group("n8n")
@@ -116,7 +96,7 @@ def test_forty_webhooks(stack: Any, emu: Any) -> None:
     # Where the time goes: each node's median execution time over this benchmark's executions.
     per_node: dict[str, list[float]] = {}
     for e in n8n.executions("metisDedupeJira1")[: len(issues) + TWICE]:
-        for name, node_runs in _run_data(n8n.execution_data(e["id"])).items():
+        for name, node_runs in (n8n.execution_run(e["id"]).get("resultData", {}).get("runData") or {}).items():
             per_node.setdefault(name, []).extend(float(r.get("executionTime") or 0) for r in node_runs)
     comments = [a for a in actions if a["operation"] == "add_comment"]
     result = {"webhooks": len(issues), "defects": defects, "stories": N_STORIES, "redelivered": TWICE,

@@ -617,3 +617,34 @@ def execution_data(database_url: str, execution_id: str) -> Any:
         row = conn.execute('SELECT data FROM execution_data WHERE "executionId" = %s', (int(execution_id),)).fetchone()
     return json.loads(row[0]) if row else None
 
+
+def unflatten(flat: list[Any] | None) -> Any:
+    """Decode n8n's stored run data (`flatted` JSON: element 0 is the root; inside objects and arrays every
+    string is the index of another element). A value referenced twice, or cyclically, comes back as one object."""
+    if not flat:
+        return {}
+    cache: dict[int, Any] = {}
+
+    def get(i: int) -> Any:
+        if i in cache:
+            return cache[i]
+        v = flat[i]
+        if isinstance(v, dict):
+            cache[i] = obj = {}
+            obj.update({k: get(int(x)) if isinstance(x, str) else x for k, x in v.items()})
+            return obj
+        if isinstance(v, list):
+            cache[i] = arr = []
+            arr.extend(get(int(x)) if isinstance(x, str) else x for x in v)
+            return arr
+        return v
+
+    return get(0)
+
+
+def execution_run(database_url: str, execution_id: str) -> dict[str, Any]:
+    """One execution's run data, decoded: `resultData` holds `runData` (node name → its runs),
+    `lastNodeExecuted` and `error`; {} when n8n kept no data."""
+    run = unflatten(execution_data(database_url, execution_id))
+    return run if isinstance(run, dict) else {}
+

@@ -288,7 +288,7 @@ def test_a_budget_denial_is_one_clean_refusal(flow: Any, emu: Any) -> None:
     assert detail.startswith("guardrails answered 403: ") and "cap is exhausted" in detail
     execution = n8n.wait_for_execution(workflow_id=WORKFLOW)
     assert execution["status"] == "success", n8n.log()
-    ran = _node_runs(n8n, execution["id"])
+    ran = n8n.node_runs(execution["id"])
     assert ran["Open run"] == 1 and ran["Record refusal"] == 1, ran
     assert "Check duplicates" not in ran and "Finish run" not in ran
     # One attempt: guardrails answered exactly one 403 to POST /v1/runs (n8n did not retry the denial).
@@ -329,7 +329,7 @@ def test_guardrails_failing_at_the_proposal_is_tried_again_and_nothing_is_lost(f
     assert set(attempts) == {"500", "201"} and attempts["201"] == 1 and attempts["500"] in (1, 2), attempts
     [comment] = _actions(services, run["id"])
     assert (comment["operation"], comment["target"], comment["status"]) == ("add_comment", new, "pending_approval")
-    ran = _node_runs(n8n, n8n.wait_for_execution(workflow_id=WORKFLOW)["id"])
+    ran = n8n.node_runs(n8n.wait_for_execution(workflow_id=WORKFLOW)["id"])
     assert ran["Propose to guardrails"] == 1 + attempts["500"] and ran["Finish run (proposed)"] == 1, ran
     assert ran["Wait before proposing again"] == attempts["500"], ran
 
@@ -341,25 +341,3 @@ def _run_refusals(services: Any) -> float:
                if sample.name == "metis_http_requests_total" and sample.labels.get("method") == "POST"
                and sample.labels.get("status") == "403" and sample.labels.get("endpoint") == "/v1/runs")
 
-
-def _node_runs(n8n: Any, execution_id: str) -> dict[str, int]:
-    """How many times each node ran in an execution (n8n's run data is `flatted` JSON)."""
-    flat = n8n.execution_data(execution_id)
-    cache: dict[int, Any] = {}
-
-    def get(i: int) -> Any:
-        if i in cache:
-            return cache[i]
-        v = flat[i]
-        if isinstance(v, dict):
-            cache[i] = out = {}
-            out.update({k: get(int(x)) if isinstance(x, str) and x.isdigit() else x for k, x in v.items()})
-            return out
-        if isinstance(v, list):
-            cache[i] = lst = []
-            lst.extend(get(int(x)) if isinstance(x, str) and x.isdigit() else x for x in v)
-            return lst
-        return v
-
-    run_data = get(0)["resultData"]["runData"]
-    return {name: len(runs) for name, runs in run_data.items()}

@@ -27,31 +27,9 @@ SYSTEM_MARK = "opening paragraph of an internal engineering digest"
 RECIPIENT = "payroll-engineering@metis.local"
 
 
-def unflatten(arr: list[Any]) -> Any:
-    """n8n stores run data as `flatted` JSON: containers and strings referenced by index."""
-    cache: dict[int, Any] = {}
-
-    def get(i: int) -> Any:
-        if i in cache:
-            return cache[i]
-        v = arr[i]
-        if isinstance(v, dict):
-            out: Any = {}
-            cache[i] = out
-            out.update({k: get(int(x)) if isinstance(x, str) else x for k, x in v.items()})
-            return out
-        if isinstance(v, list):
-            cache[i] = out = []
-            out.extend(get(int(x)) if isinstance(x, str) else x for x in v)
-            return out
-        return v
-
-    return get(0)
-
-
 def explain(n8n: Any, execution: dict[str, Any]) -> str:
     """What went wrong in an execution: the last node and every node error (for assertion messages)."""
-    data = unflatten(n8n.execution_data(execution["id"]) or [{}])
+    data = n8n.execution_run(execution["id"])
     result = data.get("resultData", {})
     lines = [f"last node: {result.get('lastNodeExecuted')}", f"error: {json.dumps(result.get('error'))[:800]}"]
     for node, tasks in (result.get("runData") or {}).items():

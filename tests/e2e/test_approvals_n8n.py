@@ -159,30 +159,10 @@ def debug(stack: Any) -> str:
 
 
 def execution_error(stack: Any, execution_id: str) -> str:
-    """The last node and error of an n8n execution (its run data is stored as `flatted` JSON)."""
-    flat = stack.n8n.execution_data(execution_id)
-
-    def get(i: str, depth: int = 0) -> Any:
-        v = flat[int(i)]
-        if depth > 6:
-            return "..."
-        if isinstance(v, dict):
-            return {k: get(x, depth + 1) if isinstance(x, str) and x.isdigit() else x for k, x in v.items()}
-        return v
-
-    def full(i: Any, depth: int = 0) -> Any:
-        v = flat[int(i)] if isinstance(i, str) and i.isdigit() else i
-        if depth > 12:
-            return "..."
-        if isinstance(v, dict):
-            return {k: full(x, depth + 1) for k, x in v.items()}
-        if isinstance(v, list):
-            return [full(x, depth + 1) for x in v]
-        return v
-
-    result = get("0").get("resultData", {})
+    """The last node and error of an n8n execution, and what each node put out."""
+    result = stack.n8n.execution_run(execution_id).get("resultData", {})
     err = result.get("error") or {}
-    runs = full(flat[0]["resultData"]).get("runData", {})
+    runs = result.get("runData") or {}
     outputs = {name: str([r.get("data", {}).get("main") for r in rs][-1])[:400] for name, rs in runs.items()}
     return f"last node {result.get('lastNodeExecuted')}: " + str(
         {k: v for k, v in err.items() if k in ("message", "description")})[:1500] + f"\noutputs: {outputs}"
@@ -431,18 +411,8 @@ def test_nobody_decides_and_n8n_reports_the_expiry(stack, expiring, browser) -> 
 
 
 def n8n_outputs(stack: Any, execution_id: str) -> dict[str, Any]:
-    """The first output item of every node that ran in an n8n execution (run data is `flatted` JSON)."""
-    flat = stack.n8n.execution_data(execution_id)
-
-    def full(i: Any, depth: int = 0) -> Any:
-        v = flat[int(i)] if isinstance(i, str) and i.isdigit() else i
-        if isinstance(v, dict) and depth < 40:
-            return {k: full(x, depth + 1) for k, x in v.items()}
-        if isinstance(v, list) and depth < 40:
-            return [full(x, depth + 1) for x in v]
-        return v
-
-    runs = full(flat[0]["resultData"])["runData"]
+    """The first output item of every node that ran in an n8n execution."""
+    runs = stack.n8n.execution_run(execution_id).get("resultData", {}).get("runData") or {}
     out: dict[str, Any] = {}
     for name, r in runs.items():
         branches = [items for items in (r[-1].get("data") or {}).get("main") or [] if items]

@@ -126,3 +126,21 @@ def test_the_scanner_catches_planted_secrets():
         assert reason in found, (reason, found)
     assert credential_problems(planted)
     assert hardcoded_addresses(planted)
+
+
+def test_run_data_is_decoded_from_n8ns_flatted_form():
+    """n8n stores an execution's run data as `flatted` JSON: element 0 is the root and, inside objects and
+    arrays, every string is the index of another element. A shared value comes back as one object, a cycle
+    does not recurse forever, numbers / booleans / null stay inline."""
+    from devstack.n8n import unflatten
+
+    flat = [{"resultData": "1", "version": 1}, {"runData": "2", "lastNodeExecuted": "3", "error": None},
+            {"Open run": "4", "Finish run": "4"}, "Finish run", ["5"], {"executionTime": 12, "ok": True, "self": "5"}]
+    run = unflatten(flat)
+    result = run["resultData"]
+    assert run["version"] == 1 and result["lastNodeExecuted"] == "Finish run" and result["error"] is None
+    assert {name: len(runs) for name, runs in result["runData"].items()} == {"Open run": 1, "Finish run": 1}
+    assert result["runData"]["Open run"] is result["runData"]["Finish run"]  # shared, not copied
+    task = result["runData"]["Open run"][0]
+    assert task["executionTime"] == 12 and task["ok"] is True and task["self"] is task  # the cycle is the object
+    assert unflatten(None) == {} and unflatten([]) == {}

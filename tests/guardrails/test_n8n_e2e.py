@@ -24,23 +24,12 @@ def _db(stack):
 
 
 def _last_error(stack, workflow_id: str) -> str:
-    """The error of the workflow's newest execution (n8n stores run data as `flatted` JSON)."""
+    """The error of the workflow's newest execution."""
     execs = stack.n8n.executions(workflow_id)
     if not execs:
         return "no execution"
-    flat = stack.n8n.execution_data(execs[0]["id"])
-
-    def get(i: str, depth: int = 0) -> object:
-        v = flat[int(i)]
-        if depth > 6:
-            return "..."
-        if isinstance(v, dict):
-            return {k: get(x, depth + 1) if isinstance(x, str) and x.isdigit() else x for k, x in v.items()}
-        return v
-
-    result = get("0")
-    err = result.get("resultData", {}).get("error") if isinstance(result, dict) else None
-    last = result.get("resultData", {}).get("lastNodeExecuted") if isinstance(result, dict) else None
+    result = stack.n8n.execution_run(execs[0]["id"]).get("resultData", {})
+    err, last = result.get("error"), result.get("lastNodeExecuted")
     return f"last node {last}: " + str({k: v for k, v in (err or {}).items() if k in ("message", "description",
                                                                                      "node")})[:2000]
 
