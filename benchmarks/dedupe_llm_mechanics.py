@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import statistics
 import sys
 import uuid
@@ -24,10 +23,10 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
 
 from devstack.processes import free_port, start_service, wait_http
 from devstack.stack import service_env
+from services.dedupe.config import copy_with_llm_enabled, load_config
 from tests.conftest import TEST_TOKENS, auth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +49,7 @@ def _reports() -> list[dict[str, Any]]:
 
 @pytest.mark.e2e
 def test_llm_verification_mechanics(services: Any, emu: Any, tmp_path: Path) -> None:
-    config_dir = tmp_path / "config"
-    shutil.copytree(ROOT / "config", config_dir)
-    cfg = yaml.safe_load((config_dir / "dedupe.yaml").read_text())
-    cfg["llm"]["enabled"] = True
-    (config_dir / "dedupe.yaml").write_text(yaml.safe_dump(cfg))
+    config_dir = copy_with_llm_enabled(ROOT / "config", tmp_path / "config")
     env = service_env("dedupe", base=os.environ, database_url=services.database_url, tokens=TEST_TOKENS,
                       urls=services.urls, externals=services.externals, config_dir=str(config_dir))
     env["METIS_DEDUPE_LLM"] = "on"
@@ -114,7 +109,7 @@ def test_llm_verification_mechanics(services: Any, emu: Any, tmp_path: Path) -> 
         proc.stop()
     sizes = [len(json.dumps(c["body"]).encode()) for c in calls]
     result = {
-        "model": cfg["llm"]["model"], "history_indexed": len(history), "queries": len(queries),
+        "model": load_config(config_dir).llm.model, "history_indexed": len(history), "queries": len(queries),
         "reached_verification": len(costs), "share_verified": round(len(costs) / len(queries), 3),
         "usd_per_verification_median": round(statistics.median(costs), 6) if costs else None,
         "usd_per_verification_max": round(max(costs), 6) if costs else None,

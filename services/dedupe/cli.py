@@ -4,14 +4,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from tqdm import tqdm
 
 
@@ -116,6 +114,7 @@ def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token:
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         from devstack.processes import free_port, start_service, wait_http
 
+    from .config import copy_with_llm_enabled
     from .evaluation import Client, GuardrailsRuns, calibrate, index_dataset, load_dataset, report, run_queries
 
     runs = None
@@ -141,11 +140,7 @@ def run_evaluation(*, issues_csv: Path, pairs_csv: Path, url: str | None, token:
                                        "METIS_TOKEN_DEDUPE (e.g. from .run/tokens.env), or give --url")
             # The same configuration with verification switched on, in a directory of the run's own.
             source = Path(env.get("METIS_CONFIG_DIR") or Path(__file__).resolve().parents[2] / "config")
-            config_dir = Path(tmp.name) / "config"
-            shutil.copytree(source, config_dir)
-            cfg = yaml.safe_load((config_dir / "dedupe.yaml").read_text())
-            cfg.setdefault("llm", {})["enabled"] = True
-            (config_dir / "dedupe.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            config_dir = copy_with_llm_enabled(source, Path(tmp.name) / "config")
             env.update(METIS_CONFIG_DIR=str(config_dir), METIS_DEDUPE_LLM="on", METIS_GUARDRAILS_URL=str(guardrails_url))
         port = free_port()
         proc = start_service("dedupe", env=env, port=port, log_dir=Path(tmp.name), workers=workers)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -172,3 +173,15 @@ def load_config(config_dir: str | Path) -> DedupeConfig:
                         description_tokens=description_tokens, fusion=fusion, verdict=verdict,
                         similar_exclude=frozenset(x.lower() for x in exclude), llm=llm,
                         description_chars_stored=stored)
+
+
+def copy_with_llm_enabled(source: str | Path, dest: str | Path) -> Path:
+    """A copy of a configuration directory with dedupe's LLM verification switched on (`llm.enabled: true`;
+    the service also needs METIS_DEDUPE_LLM=on and a run id per call). Returns `dest`."""
+    dest = Path(dest)
+    shutil.copytree(source, dest, dirs_exist_ok=True)
+    raw = yaml.safe_load((dest / "dedupe.yaml").read_text()) or {}
+    raw.setdefault("llm", {})["enabled"] = True
+    (dest / "dedupe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_config(dest)  # the copy must still be a valid configuration
+    return dest

@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,11 +15,11 @@ from typing import Any, Iterator
 import psycopg
 import pytest
 import requests
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.processes import free_port, start_service
 from devstack.stack import service_env
+from services.dedupe.config import copy_with_llm_enabled
 from shared.connectors.adf import adf_to_text
 from tests.conftest import TEST_TOKENS
 from tests.fixtures.n8n import start_n8n
@@ -79,11 +78,7 @@ def llm_site(stack: Any, emulators: Any, worker_id: str, tmp_path_factory: pytes
     of the offline search (config/dedupe.yaml: the offline verdict alone is not precise enough to link)."""
     services = stack.services
     work = tmp_path_factory.mktemp("dedupe-llm")
-    config = work / "config"
-    shutil.copytree(ROOT / "config", config)
-    cfg = yaml.safe_load((config / "dedupe.yaml").read_text())
-    cfg["llm"]["enabled"] = True
-    (config / "dedupe.yaml").write_text(yaml.safe_dump(cfg))
+    config = copy_with_llm_enabled(ROOT / "config", work / "config")
     env = service_env("dedupe", base=os.environ, database_url=services.database_url, tokens=TEST_TOKENS,
                       urls=services.urls, externals=services.externals, config_dir=str(config))
     env.update({"METIS_DEDUPE_LLM": "on", "METIS_DB_POOL_MAX": "4"})

@@ -3,17 +3,16 @@ offline verdict standing (a real dedupe gunicorn process, the real gateway, the 
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import requests
-import yaml
 
 from devstack.processes import Proc, free_port, start_service, wait_http
 from devstack.stack import service_env
+from services.dedupe.config import copy_with_llm_enabled
 from tests.conftest import TEST_TOKENS, auth
 
 from .test_api import CORPUS, QUERY
@@ -26,11 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def dedupe_llm(services: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
     """A dedupe process with LLM verification on, calling the session's guardrails gateway."""
-    config_dir = tmp_path_factory.mktemp("dedupe-llm-config")
-    shutil.copytree(ROOT / "config", config_dir, dirs_exist_ok=True)
-    cfg = yaml.safe_load((config_dir / "dedupe.yaml").read_text())
-    cfg["llm"]["enabled"] = True
-    (config_dir / "dedupe.yaml").write_text(yaml.safe_dump(cfg))
+    config_dir = copy_with_llm_enabled(ROOT / "config", tmp_path_factory.mktemp("dedupe-llm-config"))
     env = service_env("dedupe", base=os.environ, database_url=services.database_url, tokens=TEST_TOKENS,
                       urls=services.urls, externals=services.externals, config_dir=str(config_dir))
     env["METIS_DEDUPE_LLM"] = "on"
