@@ -32,23 +32,26 @@ SLACK_LINK = re.compile(r"<(https?://[^|>]+)(?:\|[^>]*)?>")
 _STACK: list[Any] = []  # for failure messages: what n8n did
 
 
-@pytest.fixture(scope="module")
-def notifier(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    """A second guardrails replica on the same database that hands pending actions and escalations to n8n,
-    as `make up` configures guardrails (the session's replica was started before n8n had a URL)."""
+def start_notifier(stack: Any, log_dir: Path) -> Proc:
+    """A second guardrails replica on the session's database that hands pending actions and escalations to n8n,
+    as `make up` and compose configure guardrails (METIS_APPROVAL_WEBHOOK_URL; the session's replica was started
+    before n8n had a URL). Tests of the same worker may have recorded other policies on this database:
+    config/policy.yaml (whose allowlist these tests rely on) is put back in force, as an operator would."""
     services = stack.services
     env = service_env("guardrails", base=os.environ, database_url=services.database_url, tokens=TEST_TOKENS,
                       urls=services.urls, externals=services.externals, config_dir=str(ROOT / "config"))
     hooks = n8n_webhook_env("guardrails", stack.n8n.url, webhook_paths(workflow_files()))
     env.update({k: hooks[k] for k in ("METIS_APPROVAL_WEBHOOK_URL", "METIS_ESCALATION_WEBHOOK_URL")})
     env.update({"METIS_NOTIFY_POLL_SECONDS": "0.2", "METIS_ACTIONS_SWEEP_SECONDS": "0.5"})
-    proc = start_service("guardrails", env=env, port=free_port(), workers=1,
-                         log_dir=tmp_path_factory.mktemp("guardrails-notifier"))
-    # Tests in this worker may have recorded other policies on this database; make config/policy.yaml (whose
-    # allowlist these tests rely on) the one in force, as an operator would. The reloading replica applies it
-    # at once; the notifier started from the same files.
+    proc = start_service("guardrails", env=env, port=free_port(), workers=1, log_dir=log_dir)
     r = services.post("guardrails", "/v1/policy/reload", caller="ops")
     assert r.status_code == 200, r.text
+    return proc
+
+
+@pytest.fixture(scope="module")
+def notifier(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    proc = start_notifier(stack, tmp_path_factory.mktemp("guardrails-notifier"))
     _STACK.append(stack)
     yield proc
     _STACK.clear()

@@ -109,6 +109,16 @@ def test_workflow_file_holds_no_secret(wf: WorkflowFile):
     assert hardcoded_addresses(wf.data) == []
 
 
+@pytest.mark.parametrize("wf", FILES, ids=[f.path.name for f in FILES])
+def test_every_expression_is_one_template(wf: WorkflowFile):
+    """In every `={{ ... }}` expression the braces inside balance: a `}}` inside the JavaScript would end the
+    expression early, and n8n would fail at run time with 'invalid syntax'."""
+    for where, _, value in _walk(wf.data):
+        if isinstance(value, str) and value.startswith("="):
+            for m in re.finditer(r"\{\{(.*?)\}\}", value, re.S):
+                assert m.group(1).count("{") == m.group(1).count("}"), f"{where}: {m.group(0)[:120]}"
+
+
 def test_the_scanner_catches_planted_secrets():
     smoke = json.loads((WORKFLOWS_DIR / "smoke.json").read_text())
     assert find_secrets(smoke) == [] and credential_problems(smoke) == [] and hardcoded_addresses(smoke) == []

@@ -6,44 +6,27 @@ an approver opens the link in Chromium and decides → guardrails writes exactly
 rejected, none), and the audit chain shows proposed → approval requested → decided → executed."""
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from devstack.n8n import webhook_paths, workflow_files
-from devstack.processes import Proc, free_port, start_service
-from devstack.stack import n8n_webhook_env, service_env
-from tests.conftest import TEST_TOKENS
+from devstack.processes import Proc
 from tests.e2e.test_approvals_n8n import (CHROMIUM_ARGS, action, approval_execution, chain, decide_in_browser,
-                                          form_link, gr, ready, request_messages, slack_about, wait_for)
+                                          form_link, gr, ready, request_messages, slack_about, start_notifier,
+                                          wait_for)
 
 from .conftest import seed_history
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n"), pytest.mark.usefixtures("quiet_n8n")]
 
-ROOT = Path(__file__).resolve().parents[2]
 HOOK = "metis-triage-jira"
 
 
 @pytest.fixture(scope="module")
 def notifier(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    """A guardrails replica on the session's database that hands pending actions to n8n, as `make up` and compose
-    configure guardrails (METIS_APPROVAL_WEBHOOK_URL); the session's replica started before n8n had a URL."""
-    services = stack.services
-    env = service_env("guardrails", base=os.environ, database_url=services.database_url, tokens=TEST_TOKENS,
-                      urls=services.urls, externals=services.externals, config_dir=str(ROOT / "config"))
-    hooks = n8n_webhook_env("guardrails", stack.n8n.url, webhook_paths(workflow_files()))
-    env.update({k: hooks[k] for k in ("METIS_APPROVAL_WEBHOOK_URL", "METIS_ESCALATION_WEBHOOK_URL")})
-    env.update({"METIS_NOTIFY_POLL_SECONDS": "0.2", "METIS_ACTIONS_SWEEP_SECONDS": "0.5"})
-    proc = start_service("guardrails", env=env, port=free_port(), workers=1,
-                         log_dir=tmp_path_factory.mktemp("guardrails-triage-notifier"))
-    # Other tests of this worker may have recorded other policies: put config/policy.yaml (whose allowlist
-    # sends triage comments for approval and allows triage labels) in force, as an operator would.
-    r = services.post("guardrails", "/v1/policy/reload", caller="ops")
-    assert r.status_code == 200, r.text
+    """guardrails handing triage's pending comments to n8n, as `make up` and compose configure it."""
+    proc = start_notifier(stack, tmp_path_factory.mktemp("guardrails-triage-notifier"))
     yield proc
     proc.stop()
 
