@@ -13,7 +13,8 @@ from psycopg import sql
 from shared import db
 from shared.settings import SERVICE_PORTS, Secret, Settings
 
-pytest_plugins = ["tests.fixtures.processes", "tests.fixtures.emulators", "tests.fixtures.n8n"]
+pytest_plugins = ["tests.fixtures.processes", "tests.fixtures.emulators", "tests.fixtures.n8n",
+                  "tests.fixtures.browser"]
 
 ADMIN_URL = os.environ.get("METIS_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 SERVICES = tuple(SERVICE_PORTS)

@@ -26,8 +26,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("n8n")]
 ROOT = Path(__file__).resolve().parents[2]
 APPROVAL_WORKFLOW = "metisApproval01"
 ESCALATION_WORKFLOW = "metisEscalate01"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 SLACK_LINK = re.compile(r"<(https?://[^|>]+)(?:\|[^>]*)?>")
 _STACK: list[Any] = []  # for failure messages: what n8n did
 
@@ -87,17 +85,6 @@ def expiring(stack: Any, emulators: Any, notifier: Proc) -> dict[str, Any]:
     a = r.json()
     slack, mail = request_messages(emulators, a["id"])
     return {"action": a, "slack": slack, "mail": mail, "t0": t0}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 # ------------------------------------------------------------------ helpers

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from devstack.processes import Proc
-from tests.e2e.test_approvals_n8n import (CHROMIUM_ARGS, action, approval_execution, chain, decide_in_browser,
+from tests.e2e.test_approvals_n8n import (action, approval_execution, chain, decide_in_browser,
                                           form_link, gr, ready, request_messages, slack_about, start_notifier,
                                           wait_for)
 
@@ -29,17 +29,6 @@ def notifier(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     proc = start_notifier(stack, tmp_path_factory.mktemp("guardrails-triage-notifier"))
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Debian's Chromium driven by Playwright (never a downloaded browser)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _triaged_ticket(stack: Any, emu: Any, summary: str) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
