@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import requests
 
+from shared.guardrails_client import BudgetDenied, GuardrailsClient
+
 from .verdict import VerdictModel, decide, fit_logistic, out_of_fold
 
 # The verdict model's inputs, chosen on the development split (see benchmarks/dedupe_eval.md, "Verdicts").
@@ -177,31 +179,23 @@ class GuardrailsRuns:
     through the gateway exactly as the n8n flow does; what guardrails charged each run is read back."""
 
     def __init__(self, base_url: str, token: str, *, task: str = "dedupe") -> None:
-        self.base_url = base_url.rstrip("/")
+        self.client = GuardrailsClient(base_url, token, timeout=30.0)
         self.task = task
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Bearer {token}"
         self.refusals: dict[str, int] = defaultdict(int)
 
     def open(self, external_id: str) -> str | None:
         """A run id, or None when guardrails refuses the run (kill switch, an exhausted cap): counted, and the
         query then runs without one (offline verdict), so a budget stop never passes for a model's judgement."""
-        r = self.session.post(self.base_url + "/v1/runs", timeout=30, json={
-            "task": self.task, "trigger": "manual", "workflow": "metis dedupe evaluate", "external_id": external_id})
-        if r.status_code == 403:
-            self.refusals[_problem_code(r) or "forbidden"] += 1
+        try:
+            return self.client.open_run(self.task, trigger="manual", workflow="metis dedupe evaluate",
+                                        external_id=external_id).id
+        except BudgetDenied as exc:
+            self.refusals[exc.reason] += 1
             return None
-        if r.status_code not in (200, 201):
-            raise RuntimeError(f"guardrails POST /v1/runs → {r.status_code}: {r.text[:300]}")
-        return str(r.json()["id"])
 
     def finish(self, run_id: str, outcome: dict[str, Any], *, status: str = "succeeded") -> float:
         """Close the run; what it cost in USD."""
-        r = self.session.post(f"{self.base_url}/v1/runs/{run_id}/finish", timeout=30,
-                              json={"status": status, "outcome": outcome})
-        if r.status_code >= 400:
-            raise RuntimeError(f"guardrails finish {run_id} → {r.status_code}: {r.text[:300]}")
-        return float((r.json().get("budget") or {}).get("spent_usd") or 0.0)
+        return float(self.client.finish_run(run_id, status, outcome).budget.get("spent_usd") or 0.0)
 
 
 def run_queries(client: Client, data: Dataset, project: str, *, negatives: int | None = None,
@@ -382,12 +376,11 @@ def llm_summary(results: list[QueryResult], refusals: dict[str, int] | None = No
         rs = [r for r in results if split == "all" or r.split == split]
         verified = [r for r in rs if r.mode == "llm"]
         named = [r for r in verified if r.named]
+        right = sum(bool(r.named_correct) for r in named)
         costs = sorted(r.cost_usd for r in rs if r.cost_usd)
         out[split] = {"queries": len(rs), "verified": len(verified), "charged": len(costs),
-                      "said_duplicate": len(named),
-                      "named_a_true_duplicate": sum(bool(r.named_correct) for r in named),
-                      "precision_of_llm_duplicates": round(sum(bool(r.named_correct) for r in named) / len(named), 3)
-                      if named else None,
+                      "said_duplicate": len(named), "named_a_true_duplicate": right,
+                      "precision_of_llm_duplicates": round(right / len(named), 3) if named else None,
                       "cost_usd_total": round(sum(costs), 6),
                       "cost_usd_median_per_charged_query": round(statistics.median(costs), 6) if costs else None}
     return out
