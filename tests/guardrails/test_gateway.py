@@ -302,7 +302,9 @@ def test_database_down_fails_closed(make_guardrails, emu, database_url, tmp_path
         before = len(emu.anthropic_requests("/v1/messages"))
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            # Wait (up to 5 s each) until the backends have really exited: without a timeout the call only signals
+            # them, and a pooled connection could still serve one more query (a reservation the database took).
+            conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s", (name,))
         with pytest.raises(anthropic.InternalServerError) as exc:
             c.anthropic(run.id, max_retries=1).messages.create(model=HAIKU, max_tokens=16, messages=MSG)
         assert exc.value.status_code == 503
